@@ -1,0 +1,253 @@
+"""Tasks: reads with their project embedded, and atomic batch writes that keep the price rule.
+
+The rule: the prices of a project's tasks never add up to more than the project's price. Every
+batch locks the rows of the projects it touches, in UUID order, before it reads their sums, so
+concurrent batches on one project run one after another and none can slip past the check.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid as uuid_module
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from decimal import Decimal
+from typing import Any
+
+from storage.db import Database
+from storage.errors import ValidationFailed
+from storage.store import Store
+from storage.views import TASK_FROM, TASK_SELECT, LinkMaker, task_from_row
+
+# Field -> messages, per batch index (as a string), the shape of the contract's `errors`.
+Errors = dict[str, dict[str, Any]]
+UPDATABLE = ("name", "description", "estimate_date", "price", "urls")
+
+
+class TaskStore(Store):
+    """Tasks with their project (and its aggregates) embedded."""
+
+    table = "task"
+    alias = "t"
+    select = TASK_SELECT
+    from_ = TASK_FROM
+    filters = {"project_id": "t.project_id = %s", "status": "t.status = %s"}
+
+    def __init__(self, db: Database, link: LinkMaker) -> None:
+        super().__init__(db)
+        self.link = link
+
+    def render(self, row: Sequence[Any]) -> dict[str, Any]:
+        """A Task as the contract shows it, with a fresh archive link."""
+        return task_from_row(row, self.link)
+
+    async def create_batch(
+        self, items: Sequence[Mapping[str, Any] | None], errors: Errors
+    ) -> list[dict[str, Any]]:
+        """Insert every item or none; `None` items already failed validation (in `errors`)."""
+        async with self.db.transaction():
+            prices = await self._lock_projects({i["project_id"] for i in items if i})
+            sums = await self._price_sums(prices)
+            for index, item in enumerate(items):
+                if item and item["project_id"] not in prices:
+                    _add(errors, index, "project_id", "Project not found.")
+            changes = [(i, item, item.get("price")) for i, item in enumerate(items) if item]
+            _check_prices(changes, prices, sums, {}, errors)
+            _raise_if_invalid(errors, len(items))
+            uuids = await self._insert(items)
+            return await self.get_many(uuids)
+
+    async def update_batch(
+        self, items: Sequence[Mapping[str, Any] | None], errors: Errors
+    ) -> list[dict[str, Any]]:
+        """Apply every item or none; only the given fields change, `None` clears a field."""
+        _flag_repeated_ids(items, errors)
+        async with self.db.transaction():
+            ids = [item["task_id"] for item in items if item]
+            owners = await self._owners(ids)
+            prices = await self._lock_projects(set(owners.values()))
+            current = await self._lock_tasks(owners)
+            sums = await self._price_sums(prices)
+            for index, item in enumerate(items):
+                if item and item["task_id"] not in current:
+                    _add(errors, index, "task_id", "Task not found.")
+            changes = [
+                (i, {"project_id": owners[item["task_id"]], **item}, item.get("price"))
+                for i, item in enumerate(items)
+                if item and item["task_id"] in current and "price" in item
+            ]
+            old = {i: current[items[i]["task_id"]]["price"] for i, _, _ in changes}  # type: ignore[index]
+            _check_prices(changes, prices, sums, old, errors)
+            _raise_if_invalid(errors, len(items))
+            rows = [_merged(current[item["task_id"]], item) for item in items if item]
+            await self._update(rows)
+            return await self.get_many(ids)
+
+    async def _lock_projects(
+        self, ids: Iterable[uuid_module.UUID]
+    ) -> dict[uuid_module.UUID, Decimal]:
+        """Lock the projects' rows in a fixed order; return the price of each that exists."""
+        wanted = sorted(str(i) for i in ids)
+        if not wanted:
+            return {}
+        rows = await self.db.fetchall(
+            "SELECT uuid, price FROM project WHERE uuid = ANY(%s::uuid[])"
+            " ORDER BY uuid FOR NO KEY UPDATE",
+            [wanted],
+        )
+        return {row[0]: row[1] for row in rows}
+
+    async def _price_sums(
+        self, prices: Mapping[uuid_module.UUID, Decimal]
+    ) -> dict[uuid_module.UUID, Decimal]:
+        if not prices:
+            return {}
+        rows = await self.db.fetchall(
+            "SELECT project_id, coalesce(sum(price), 0) FROM task"
+            " WHERE project_id = ANY(%s::uuid[]) GROUP BY project_id",
+            [[str(p) for p in prices]],
+        )
+        return defaultdict(Decimal, {row[0]: row[1] for row in rows})
+
+    async def _owners(
+        self, ids: Sequence[uuid_module.UUID]
+    ) -> dict[uuid_module.UUID, uuid_module.UUID]:
+        # A task never moves between projects, so its owner can be read before any lock.
+        if not ids:
+            return {}
+        rows = await self.db.fetchall(
+            "SELECT uuid, project_id FROM task WHERE uuid = ANY(%s::uuid[])",
+            [[str(i) for i in ids]],
+        )
+        return {row[0]: row[1] for row in rows}
+
+    async def _lock_tasks(
+        self, owners: Mapping[uuid_module.UUID, uuid_module.UUID]
+    ) -> dict[uuid_module.UUID, dict[str, Any]]:
+        if not owners:
+            return {}
+        rows = await self.db.fetchall(
+            "SELECT uuid, name, description, estimate_date, price, urls FROM task"
+            " WHERE uuid = ANY(%s::uuid[]) ORDER BY uuid FOR UPDATE",
+            [sorted(str(i) for i in owners)],
+        )
+        keys = ("uuid", *UPDATABLE)
+        return {row[0]: dict(zip(keys, row, strict=True)) for row in rows}
+
+    async def _insert(self, items: Sequence[Mapping[str, Any] | None]) -> list[uuid_module.UUID]:
+        records = [
+            {
+                "ord": index,
+                "project_id": str(item["project_id"]),
+                "name": item["name"],
+                "description": item.get("description"),
+                "estimate_date": _text(item.get("estimate_date")),
+                "price": _text(item.get("price")),
+                "urls": item["urls"],
+            }
+            for index, item in enumerate(items)
+            if item
+        ]
+        # One clock reading for the batch, a microsecond apart per item: the batch lists in
+        # its input order, since pages are ordered by created_at.
+        rows = await self.db.fetchall(
+            "INSERT INTO task (project_id, name, description, estimate_date, price, urls,"
+            " created_at, updated_at)"
+            " SELECT v.project_id, v.name, v.description, v.estimate_date, v.price, v.urls,"
+            "  c.at + v.ord * interval '1 microsecond', c.at + v.ord * interval '1 microsecond'"
+            " FROM (SELECT clock_timestamp() AS at) c, jsonb_to_recordset(%s::jsonb) AS v("
+            "  ord integer, project_id uuid, name text, description text, estimate_date date,"
+            "  price numeric, urls text[])"
+            " RETURNING uuid, created_at",
+            [json.dumps(records)],
+        )
+        return [row[0] for row in sorted(rows, key=lambda row: row[1])]
+
+    async def _update(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        records = [
+            {
+                **row,
+                "uuid": str(row["uuid"]),
+                "estimate_date": _text(row["estimate_date"]),
+                "price": _text(row["price"]),
+            }
+            for row in rows
+        ]
+        # A new list of URLs is a new archive: back to the start, and a new epoch fences off
+        # any run still forming the old one.
+        await self.db.execute(
+            "UPDATE task t SET name = v.name, description = v.description,"
+            " estimate_date = v.estimate_date, price = v.price, urls = v.urls,"
+            " status = CASE WHEN v.urls_changed THEN 'initialized' ELSE t.status END,"
+            " progress = CASE WHEN v.urls_changed THEN 0 ELSE t.progress END,"
+            " archive_key = CASE WHEN v.urls_changed THEN NULL ELSE t.archive_key END,"
+            " error = CASE WHEN v.urls_changed THEN NULL ELSE t.error END,"
+            " epoch = CASE WHEN v.urls_changed THEN t.epoch + 1 ELSE t.epoch END,"
+            " updated_at = clock_timestamp()"
+            " FROM jsonb_to_recordset(%s::jsonb) AS v(uuid uuid, name text, description text,"
+            "  estimate_date date, price numeric, urls text[], urls_changed boolean,"
+            "  changed boolean)"
+            " WHERE t.uuid = v.uuid AND v.changed",
+            [json.dumps(records)],
+        )
+
+
+def _merged(current: Mapping[str, Any], item: Mapping[str, Any]) -> dict[str, Any]:
+    row = {key: item.get(key, current[key]) for key in ("uuid", *UPDATABLE)} | {
+        "uuid": current["uuid"]
+    }
+    row["urls_changed"] = row["urls"] != current["urls"]
+    row["changed"] = any(row[key] != current[key] for key in UPDATABLE)
+    return row
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _add(errors: Errors, index: int, field: str, message: str) -> None:
+    errors.setdefault(str(index), {}).setdefault(field, []).append(message)
+
+
+def _flag_repeated_ids(items: Sequence[Mapping[str, Any] | None], errors: Errors) -> None:
+    seen: dict[uuid_module.UUID, list[int]] = defaultdict(list)
+    for index, item in enumerate(items):
+        if item:
+            seen[item["task_id"]].append(index)
+    for indexes in seen.values():
+        for index in indexes if len(indexes) > 1 else ():
+            others = ", ".join(str(i) for i in indexes if i != index)
+            _add(errors, index, "task_id", f"The same task_id appears again at index {others}.")
+
+
+def _check_prices(
+    changes: Sequence[tuple[int, Mapping[str, Any], Decimal | None]],
+    prices: Mapping[uuid_module.UUID, Decimal],
+    sums: Mapping[uuid_module.UUID, Decimal],
+    old: Mapping[int, Decimal | None],
+    errors: Errors,
+) -> None:
+    """Report the price of every priced item of a project whose task prices would pass its own."""
+    totals = dict(sums)
+    priced: dict[uuid_module.UUID, list[int]] = defaultdict(list)
+    for index, item, price in changes:
+        project = item["project_id"]
+        if project not in prices:
+            continue
+        totals[project] = totals.get(project, Decimal(0)) - (old.get(index) or 0) + (price or 0)
+        if price is not None:
+            priced[project].append(index)
+    for project, indexes in priced.items():
+        if totals[project] > prices[project]:
+            message = (
+                f"Sum of task prices ({totals[project]:.2f}) exceeds project price"
+                f" ({prices[project]:.2f})."
+            )
+            for index in indexes:
+                _add(errors, index, "price", message)
+
+
+def _raise_if_invalid(errors: Errors, count: int) -> None:
+    if errors:
+        noun = "task is" if count == 1 else "tasks are"
+        raise ValidationFailed(f"{len(errors)} of {count} {noun} invalid", errors=errors)

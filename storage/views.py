@@ -1,0 +1,78 @@
+"""The public shape of projects and tasks, computed by PostgreSQL in one statement per page.
+
+Columns come back already as the text the contract wants (UUIDs, money with two decimals,
+dates, RFC 3339 UTC timestamps with milliseconds), so rendering a row is a `zip`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+
+def _ts(column: str) -> str:
+    return f"to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
+
+
+# The aggregates of the contract: latest estimate, lowest status (the enum's order), smallest
+# progress, and the count; an aggregate without GROUP BY yields one row even with no tasks.
+PROJECT_AGGREGATES = """
+    CROSS JOIN LATERAL (
+        SELECT max(pt.estimate_date)::text AS estimate_date, min(pt.status)::text AS status,
+               min(pt.progress) AS progress, count(*) AS tasks_count
+        FROM task pt WHERE pt.project_id = p.uuid
+    ) agg"""
+
+PROJECT_COLUMNS = (
+    ("uuid", "p.uuid::text"),
+    ("name", "p.name"),
+    ("description", "p.description"),
+    ("price", "p.price::text"),
+    ("estimate_date", "agg.estimate_date"),
+    ("status", "agg.status"),
+    ("progress", "agg.progress"),
+    ("tasks_count", "agg.tasks_count"),
+    ("created_at", _ts("p.created_at")),
+    ("updated_at", _ts("p.updated_at")),
+)
+
+TASK_COLUMNS = (
+    ("uuid", "t.uuid::text"),
+    ("name", "t.name"),
+    ("description", "t.description"),
+    ("estimate_date", "t.estimate_date::text"),
+    ("price", "t.price::text"),
+    ("urls", "t.urls"),
+    ("status", "t.status::text"),
+    ("progress", "t.progress"),
+    ("archive_key", "t.archive_key"),
+    ("error", "t.error"),
+    ("created_at", _ts("t.created_at")),
+    ("updated_at", _ts("t.updated_at")),
+)
+
+PROJECT_SELECT = ", ".join(expr for _, expr in PROJECT_COLUMNS)
+TASK_SELECT = ", ".join(expr for _, expr in TASK_COLUMNS) + ", " + PROJECT_SELECT
+PROJECT_FROM = "project p" + PROJECT_AGGREGATES
+TASK_FROM = "task t JOIN project p ON p.uuid = t.project_id" + PROJECT_AGGREGATES
+
+_PROJECT_KEYS = tuple(name for name, _ in PROJECT_COLUMNS)
+_TASK_KEYS = tuple(name for name, _ in TASK_COLUMNS)
+_TASK_WIDTH = len(_TASK_KEYS)
+
+# Makes the public link of a stored archive key (presigned, or under a public base URL).
+LinkMaker = Callable[[str], str]
+
+
+def project_from_row(row: Sequence[Any]) -> dict[str, Any]:
+    """A Project as the contract shows it, from a row of PROJECT_SELECT."""
+    return dict(zip(_PROJECT_KEYS, row, strict=True))
+
+
+def task_from_row(row: Sequence[Any], link: LinkMaker) -> dict[str, Any]:
+    """A Task as the contract shows it, from a row of TASK_SELECT."""
+    task = dict(zip(_TASK_KEYS, row[:_TASK_WIDTH], strict=True))
+    key = task.pop("archive_key")
+    task["archive_url"] = link(key) if key is not None else None
+    task["project"] = project_from_row(row[_TASK_WIDTH:])
+    return task

@@ -1,0 +1,149 @@
+"""Test session: a throwaway PostgreSQL cluster and moto S3, and apps on random ports."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tornado.httpclient
+import tornado.httpserver
+
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+
+from server.app import Services, build_services, make_app  # noqa: E402
+from server.config import Settings  # noqa: E402
+from server.devenv import LocalServices, local_services  # noqa: E402
+from server.main import object_store  # noqa: E402
+from storage.db import Database  # noqa: E402
+from storage.migrate import migrate  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServices]:
+    """PostgreSQL (migrated) and moto S3, for the whole session."""
+    with local_services(tmp_path_factory.mktemp("services"), durable=False) as found:
+        migrate(found.database_url)
+        yield found
+
+
+@pytest.fixture(scope="session")
+def settings(local: LocalServices) -> Settings:
+    """Settings pointing at the session's services."""
+    return Settings(database_url=local.database_url, s3_endpoint_url=local.s3_endpoint_url)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclasses.dataclass
+class Response:
+    """What a client saw."""
+
+    code: int
+    headers: Any
+    body: bytes
+
+    def json(self) -> Any:
+        """The body as JSON."""
+        return json.loads(self.body)
+
+
+@dataclasses.dataclass
+class Server:
+    """A running app and a client for it."""
+
+    url: str
+    services: Services
+
+    async def fetch(
+        self, path: str, method: str = "GET", body: Any = None, *, raw: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Response:
+        """Send one request; `body` is JSON-encoded unless `raw` is given."""
+        headers = dict(headers or {})
+        data = raw
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers.setdefault("Content-Type", "application/json")
+        client = tornado.httpclient.AsyncHTTPClient()
+        reply = await client.fetch(
+            self.url + path, method=method, body=data, headers=headers, raise_error=False,
+            follow_redirects=False, allow_nonstandard_methods=True, request_timeout=60,
+        )
+        return Response(reply.code, reply.headers, reply.body or b"")
+
+
+@contextlib.asynccontextmanager
+async def running_server(settings: Settings) -> AsyncIterator[Server]:
+    """An app with its own pool and S3 client on a free port."""
+    db = Database(settings.database_url)
+    await db.start()
+    objects = object_store(settings)
+    async with objects.running():
+        services = build_services(settings, db, objects)
+        server = tornado.httpserver.HTTPServer(make_app(services))
+        port = _free_port()
+        server.listen(port, "127.0.0.1")
+        await _until_available(db)
+        try:
+            yield Server(url=f"http://127.0.0.1:{port}", services=services)
+        finally:
+            server.stop()
+            await server.close_all_connections()
+            await db.stop()
+
+
+async def _until_available(db: Database) -> None:
+    import asyncio
+
+    for _ in range(200):
+        if db.available:
+            return
+        await asyncio.sleep(0.02)
+    raise RuntimeError("the test database did not become available")
+
+
+@pytest.fixture(scope="session")
+async def shared_server(settings: Settings) -> AsyncIterator[Server]:
+    """One app for the whole session (most tests need nothing special)."""
+    async with running_server(settings) as server:
+        yield server
+
+
+@pytest.fixture
+async def app(shared_server: Server) -> AsyncIterator[Server]:
+    """The shared app over empty tables."""
+    await shared_server.services.db.execute("TRUNCATE task, project CASCADE")
+    yield shared_server
+
+
+ServerFactory = Callable[..., Awaitable[Server]]
+
+
+@pytest.fixture
+async def make_server(settings: Settings) -> AsyncIterator[ServerFactory]:
+    """Start extra apps with settings overridden, stopped at the end of the test."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def start(**overrides: Any) -> Server:
+            changed = dataclasses.replace(settings, **overrides)
+            return await stack.enter_async_context(running_server(changed))
+
+        yield start
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    """The checkout's root."""
+    return Path(__file__).resolve().parent.parent
