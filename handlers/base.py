@@ -189,7 +189,8 @@ class BaseHandler(tornado.web.RequestHandler):
             problem["errors"] = error.errors
         problem["request_id"] = self.request_id
         self.set_header("Content-Type", "application/problem+json")
-        self.finish(orjson.dumps(problem))
+        # marshmallow keys list errors by int index; the contract shows them as strings.
+        self.finish(orjson.dumps(problem, option=orjson.OPT_NON_STR_KEYS))
 
     def log_exception(self, typ: Any, value: BaseException | None, tb: Any) -> None:  # type: ignore[override]
         """Log unexpected failures with their traceback and request id; expected ones not."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import re
 from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -17,6 +18,7 @@ MAX_URL_LENGTH = 2048
 # numeric(14, 2): twelve digits before the point.
 MONEY_LIMIT = Decimal(10) ** 12
 CENT = Decimal("0.01")
+_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 MONEY_DOC = {
     "oneOf": [
         {"type": "number", "minimum": 0, "exclusiveMaximum": 1e12},
@@ -71,9 +73,12 @@ class Money(fields.Field):  # type: ignore[type-arg]
 
 
 class FutureDate(fields.Date):
-    """A calendar date that is today (UTC) or later."""
+    """A calendar date, `YYYY-MM-DD`, that is today (UTC) or later."""
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> datetime.date:
+        # date.fromisoformat also takes `20270115` and week dates; the contract says YYYY-MM-DD.
+        if not isinstance(value, str) or not _DATE.fullmatch(value):
+            raise self.make_error("invalid")
         day = super()._deserialize(value, attr, data, **kwargs)
         if day < datetime.datetime.now(datetime.UTC).date():
             raise ValidationError("Must not be in the past.")

@@ -8,21 +8,26 @@ from typing import Any
 
 import tornado.web
 
-from handlers import ops, projects, tasks
+from handlers import ops, projects, tasks, ws
 from handlers.base import BaseHandler, NotFoundHandler
 from server.config import Settings
 from server.metrics import Metrics
 from storage.db import Database
+from storage.feed import EventFeed
 from storage.projects import ProjectStore
 from storage.s3 import ObjectStore
 from storage.tasks import TaskStore
 
 access_log = logging.getLogger("satchel.access")
+# Idle websockets are pinged this often and closed when a pong takes longer than the timeout.
+WS_PING_INTERVAL = 20.0
+WS_PING_TIMEOUT = 30.0
 
 ROUTES: list[tuple[str, type[BaseHandler], dict[str, Any]]] = [
     *projects.routes,
     *tasks.routes,
     *ops.routes,
+    *ws.routes,
 ]
 
 
@@ -34,12 +39,16 @@ class Services:
     db: Database
     objects: ObjectStore
     metrics: Metrics
+    feed: EventFeed
     stores: dict[str, Any] = field(default_factory=dict)
+    runner: Any = None
 
 
 def build_services(settings: Settings, db: Database, objects: ObjectStore) -> Services:
     """Services with a store per resource; a new model adds one line here."""
-    services = Services(settings=settings, db=db, objects=objects, metrics=Metrics())
+    metrics = Metrics()
+    feed = EventFeed(db, retention=settings.event_retention, metrics=metrics)
+    services = Services(settings=settings, db=db, objects=objects, metrics=metrics, feed=feed)
     services.stores["projects"] = ProjectStore(db)
     services.stores["tasks"] = TaskStore(db, objects.link)
     return services
@@ -82,5 +91,7 @@ def make_app(services: Services) -> tornado.web.Application:
         default_handler_class=NotFoundHandler,
         log_function=_log_request,
         compress_response=False,
+        websocket_ping_interval=WS_PING_INTERVAL,
+        websocket_ping_timeout=WS_PING_TIMEOUT,
         xsrf_cookies=False,
     )

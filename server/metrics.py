@@ -25,6 +25,62 @@ class Metrics:
             "satchel_database_up", "1 while the database answers.", registry=self.registry
         )
 
+        self.ws_connections = Gauge(
+            "satchel_ws_connections", "Open websocket connections.", registry=self.registry
+        )
+        self.ws_messages = Counter(
+            "satchel_ws_messages_sent", "Websocket messages sent.", registry=self.registry
+        )
+        self.ws_dropped = Counter(
+            "satchel_ws_clients_dropped",
+            "Websocket clients closed for falling behind.",
+            registry=self.registry,
+        )
+        self.listener_reconnects = Counter(
+            "satchel_event_listener_reconnects",
+            "Times the LISTEN connection was re-established.",
+            registry=self.registry,
+        )
+        self.event_lag = Histogram(
+            "satchel_event_lag_seconds",
+            "Time from an event's commit to its delivery by this instance.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=self.registry,
+        )
+        self.archives = Counter(
+            "satchel_archives", "Archive runs by outcome.", ("outcome",), registry=self.registry
+        )
+        self.archive_failures = Counter(
+            "satchel_archive_failures",
+            "Failed archive runs by reason.",
+            ("reason",),
+            registry=self.registry,
+        )
+        self.archive_seconds = Histogram(
+            "satchel_archive_duration_seconds",
+            "Time to form, upload and verify an archive.",
+            buckets=(0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
+            registry=self.registry,
+        )
+        self.bytes_downloaded = Counter(
+            "satchel_archive_bytes_downloaded",
+            "Bytes received from origins.",
+            registry=self.registry,
+        )
+        self.bytes_uploaded = Counter(
+            "satchel_archive_bytes_uploaded", "Archive bytes sent to S3.", registry=self.registry
+        )
+        self.runs_in_flight = Gauge(
+            "satchel_archive_runs_in_flight",
+            "Archive runs on this instance.",
+            registry=self.registry,
+        )
+        self.tasks_waiting = Gauge(
+            "satchel_tasks_waiting",
+            "Tasks waiting for an archive run (all instances).",
+            registry=self.registry,
+        )
+
     def observe_request(self, *, route: str, method: str, status: int, seconds: float) -> None:
         """Count one answered request and its duration."""
         key = (route, method, str(status))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any
 
+from storage.outbox import Event, record
 from storage.store import Store
 from storage.views import PROJECT_AGGREGATES, PROJECT_FROM, PROJECT_SELECT, project_from_row
 
@@ -25,8 +27,13 @@ class ProjectStore(Store):
         """A Project as the contract shows it."""
         return project_from_row(row)
 
-    async def create(self, *, name: str, price: Decimal, description: str | None = None) -> dict[str, Any]:
+    async def create(
+        self, *, name: str, price: Decimal, description: str | None = None
+    ) -> dict[str, Any]:
         """Insert a project; a new project has no tasks, so its aggregates are empty."""
-        row = await self.db.fetchone(_CREATE, [name, description, price])
-        assert row is not None
-        return self.render(row)
+        async with self.db.transaction():
+            row = await self.db.fetchone(_CREATE, [name, description, price])
+            assert row is not None
+            project = self.render(row)
+            await record(self.db, [Event("project.created", uuid.UUID(project["uuid"]))])
+        return project

@@ -16,12 +16,15 @@ from typing import Any
 
 from storage.db import Database
 from storage.errors import ValidationFailed
+from storage.outbox import Event, project_changes, project_views, record
 from storage.store import Store
 from storage.views import TASK_FROM, TASK_SELECT, LinkMaker, task_from_row
 
 # Field -> messages, per batch index (as a string), the shape of the contract's `errors`.
 Errors = dict[str, dict[str, Any]]
 UPDATABLE = ("name", "description", "estimate_date", "price", "urls")
+# What a new list of URLs resets, and the values it resets them to.
+RESET = {"status": "initialized", "progress": 0, "archive_key": None, "error": None}
 
 
 class TaskStore(Store):
@@ -54,8 +57,12 @@ class TaskStore(Store):
             changes = [(i, item, item.get("price")) for i, item in enumerate(items) if item]
             _check_prices(changes, prices, sums, {}, errors)
             _raise_if_invalid(errors, len(items))
-            uuids = await self._insert(items)
-            return await self.get_many(uuids)
+            before = await project_views(self.db, prices)
+            created = await self._insert(items)
+            events = [Event("task.created", project, task) for task, project in created]
+            after = await project_views(self.db, prices)
+            await record(self.db, events + project_changes(before, after))
+            return await self.get_many([task for task, _ in created])
 
     async def update_batch(
         self, items: Sequence[Mapping[str, Any] | None], errors: Errors
@@ -80,7 +87,15 @@ class TaskStore(Store):
             _check_prices(changes, prices, sums, old, errors)
             _raise_if_invalid(errors, len(items))
             rows = [_merged(current[item["task_id"]], item) for item in items if item]
+            before = await project_views(self.db, prices)
             await self._update(rows)
+            after = await project_views(self.db, prices)
+            events = [
+                Event("task.updated", owners[row["uuid"]], row["uuid"], row["changed"])
+                for row in rows
+                if row["changed"]
+            ]
+            await record(self.db, events + project_changes(before, after))
             return await self.get_many(ids)
 
     async def _lock_projects(
@@ -126,15 +141,18 @@ class TaskStore(Store):
     ) -> dict[uuid_module.UUID, dict[str, Any]]:
         if not owners:
             return {}
+        keys = ("uuid", *UPDATABLE, *RESET)
         rows = await self.db.fetchall(
-            "SELECT uuid, name, description, estimate_date, price, urls FROM task"
+            f"SELECT {', '.join(keys)} FROM task"  # noqa: S608 - constant column names
             " WHERE uuid = ANY(%s::uuid[]) ORDER BY uuid FOR UPDATE",
             [sorted(str(i) for i in owners)],
         )
-        keys = ("uuid", *UPDATABLE)
         return {row[0]: dict(zip(keys, row, strict=True)) for row in rows}
 
-    async def _insert(self, items: Sequence[Mapping[str, Any] | None]) -> list[uuid_module.UUID]:
+    async def _insert(
+        self, items: Sequence[Mapping[str, Any] | None]
+    ) -> list[tuple[uuid_module.UUID, uuid_module.UUID]]:
+        """Insert the items; return (task, project) ids in input order."""
         records = [
             {
                 "ord": index,
@@ -158,15 +176,16 @@ class TaskStore(Store):
             " FROM (SELECT clock_timestamp() AS at) c, jsonb_to_recordset(%s::jsonb) AS v("
             "  ord integer, project_id uuid, name text, description text, estimate_date date,"
             "  price numeric, urls text[])"
-            " RETURNING uuid, created_at",
+            " RETURNING uuid, project_id, created_at",
             [json.dumps(records)],
         )
-        return [row[0] for row in sorted(rows, key=lambda row: row[1])]
+        return [(row[0], row[1]) for row in sorted(rows, key=lambda row: row[2])]
 
     async def _update(self, rows: Sequence[Mapping[str, Any]]) -> None:
         records = [
             {
                 **row,
+                "changed": bool(row["changed"]),
                 "uuid": str(row["uuid"]),
                 "estimate_date": _text(row["estimate_date"]),
                 "price": _text(row["price"]),
@@ -193,11 +212,14 @@ class TaskStore(Store):
 
 
 def _merged(current: Mapping[str, Any], item: Mapping[str, Any]) -> dict[str, Any]:
-    row = {key: item.get(key, current[key]) for key in ("uuid", *UPDATABLE)} | {
-        "uuid": current["uuid"]
-    }
+    """The row after applying `item`, with the public names of the fields that change."""
+    row = {key: item.get(key, current[key]) for key in UPDATABLE}
+    row["uuid"] = current["uuid"]
     row["urls_changed"] = row["urls"] != current["urls"]
-    row["changed"] = any(row[key] != current[key] for key in UPDATABLE)
+    changed = [key for key in UPDATABLE if row[key] != current[key]]
+    if row["urls_changed"]:
+        changed += [key for key, value in RESET.items() if current[key] != value]
+    row["changed"] = [("archive_url" if key == "archive_key" else key) for key in changed]
     return row
 
 
