@@ -41,6 +41,7 @@ _TORNADO_CODES = {
     413: PayloadTooLarge,
     415: UnsupportedMediaType,
 }
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _METHODS = ("GET", "HEAD", "POST", "DELETE", "PATCH", "PUT")
 
 
@@ -136,12 +137,15 @@ class BaseHandler(tornado.web.RequestHandler):
                 raise InvalidJson("A JSON request body is required.")
             raise UnsupportedMediaType("The request body must be application/json.")
         try:
-            return json.loads(
-                body.decode("utf-8"),
-                parse_float=Decimal,
-                parse_int=Decimal,
-                parse_constant=_reject_constant,
+            text = body.decode("utf-8")
+            data = json.loads(
+                text, parse_float=Decimal, parse_int=Decimal, parse_constant=_reject_constant
             )
+            if _SURROGATE_ESCAPE.search(text):
+                # An unpaired `\ud800` escape decodes to a string no UTF-8 encoder (the
+                # database's, ours) accepts; this raises UnicodeEncodeError for one.
+                json.dumps(data, default=str, ensure_ascii=False).encode("utf-8")
+            return data
         except (ValueError, RecursionError) as exc:
             raise InvalidJson(f"The request body is not valid JSON: {_json_reason(exc)}") from None
 
@@ -157,11 +161,20 @@ class BaseHandler(tornado.web.RequestHandler):
         except ValidationError as exc:
             raise ValidationFailed("Invalid query parameters.", errors=exc.messages) from None
 
+    def decode_argument(self, value: bytes, name: str | None = None) -> str:
+        """Path and query bytes as text, with bytes that are not UTF-8 replaced."""
+        # Tornado's default answers 400, a body error; a bad value is a 422 (or a 404 in a path).
+        return value.decode("utf-8", errors="replace")
+
     def parse_uuid(self, text: str) -> uuid.UUID:
         """A UUID from the path; anything else names no item, so 404."""
         if not _UUID.match(text):
             raise NotFound("No such item.")
         return uuid.UUID(text)
+
+    def compute_etag(self) -> str | None:
+        """No ETags: hashing every JSON page costs more than clients gain from it."""
+        return None
 
     def send_json(self, payload: Any, status: int = 200) -> None:
         """Write `payload` as the JSON response."""
@@ -223,8 +236,8 @@ def _as_satchel_error(status_code: int, exc_info: Any) -> SatchelError:
 def _json_reason(exc: BaseException) -> str:
     if isinstance(exc, RecursionError):
         return "nested too deeply."
-    if isinstance(exc, UnicodeDecodeError):
-        return "not UTF-8."
+    if isinstance(exc, UnicodeError):
+        return "not UTF-8 text."
     return str(exc).split(":", 1)[0] + "." if isinstance(exc, json.JSONDecodeError) else str(exc)
 
 

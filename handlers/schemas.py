@@ -36,7 +36,17 @@ URLS_DOC = {
 }
 
 
-class Name(fields.String):
+class Text(fields.String):
+    """A string PostgreSQL can store: `text` columns cannot hold NUL characters."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        text: str = super()._deserialize(value, attr, data, **kwargs)
+        if "\x00" in text:
+            raise ValidationError("Must not contain NUL characters.")
+        return text
+
+
+class Name(Text):
     """A required display name: 1..255 characters once surrounding white space is trimmed."""
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
@@ -178,7 +188,7 @@ class ProjectCreate(InputSchema):
         "updated_at",
     )
     name = Name(required=True, metadata=NAME_DOC)
-    description = fields.String(allow_none=True, validate=validate.Length(max=10000))
+    description = Text(allow_none=True, validate=validate.Length(max=10000))
     price = Money(required=True, metadata=MONEY_DOC)
 
 
@@ -187,7 +197,7 @@ class TaskCreate(InputSchema):
 
     read_only = TASK_READ_ONLY
     name = Name(required=True, metadata=NAME_DOC)
-    description = fields.String(allow_none=True, validate=validate.Length(max=10000))
+    description = Text(allow_none=True, validate=validate.Length(max=10000))
     estimate_date = FutureDate(allow_none=True)
     price = Money(allow_none=True, metadata=MONEY_OR_NULL_DOC)
     urls = FileUrls(required=True, metadata=URLS_DOC)
@@ -200,7 +210,7 @@ class TaskUpdate(InputSchema):
     read_only = (*TASK_READ_ONLY, "project_id")
     task_id = fields.UUID(required=True)
     name = Name(metadata=NAME_DOC)
-    description = fields.String(allow_none=True, validate=validate.Length(max=10000))
+    description = Text(allow_none=True, validate=validate.Length(max=10000))
     estimate_date = FutureDate(allow_none=True)
     price = Money(allow_none=True, metadata=MONEY_OR_NULL_DOC)
     urls = FileUrls(metadata=URLS_DOC)

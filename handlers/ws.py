@@ -7,7 +7,7 @@ import contextlib
 import logging
 import re
 import uuid
-from collections import OrderedDict
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -22,8 +22,11 @@ if TYPE_CHECKING:
     from server.app import Services
 
 log = logging.getLogger("satchel.ws")
-# Events a client may have queued (after coalescing per task) before it counts as too slow.
-MAX_QUEUE = 1000
+# Events a client may have queued before it counts as too slow: room for the burst of one
+# full batch (1000 tasks and their projects' events) on top of normal traffic.
+MAX_QUEUE = 2500
+# Past this many waiting events a client is lagging, and older events of a task give way.
+COALESCE_AFTER = 64
 # RFC 6455 "try again later": the client should reconnect with `since`.
 CLOSE_TRY_AGAIN = 1013
 _SINCE = re.compile(r"^[0-9]{1,18}$")
@@ -47,34 +50,50 @@ def render(event: StoredEvent, link: Callable[[str], str]) -> dict[str, Any]:
 
 
 class ClientQueue:
-    """Events waiting for one client; a newer event of a task replaces its queued older one."""
+    """Events waiting for one client.
 
-    def __init__(self, limit: int = MAX_QUEUE) -> None:
-        self.limit = limit
-        self.items: OrderedDict[tuple[str, str], dict[str, Any]] = OrderedDict()
+    A client that keeps up gets every event. Once more than COALESCE_AFTER are waiting, a newer
+    event of a task (or project) replaces its queued older one, which goes, and the newer one
+    takes the tail with both `changed` lists merged; past `limit` the client is too slow.
+    """
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = MAX_QUEUE if limit is None else limit
+        self.items: deque[dict[str, Any]] = deque()
         self.ready = asyncio.Event()
 
     def push(self, message: dict[str, Any]) -> bool:
         """Queue a message; False when the client has fallen too far behind."""
-        subject = "task" if "task" in message else "project"
-        key = (subject, message[subject]["uuid"])
-        older = self.items.pop(key, None)
-        if older is not None and "changed" in older:
-            merged = list(dict.fromkeys([*older["changed"], *message.get("changed", [])]))
-            message = {**message, "changed": merged}
-            if older["type"] == "task.created":
-                message["type"] = "task.created"
-                message.pop("changed")
-        self.items[key] = message
+        if len(self.items) >= COALESCE_AFTER:
+            message = self._replace_older(message)
+        self.items.append(message)
         self.ready.set()
         return len(self.items) <= self.limit
+
+    def _replace_older(self, message: dict[str, Any]) -> dict[str, Any]:
+        subject = _subject(message)
+        for older in self.items:
+            if _subject(older) == subject:
+                self.items.remove(older)
+                if older["type"] == "task.created":
+                    # The client never saw the task: it gets its creation, at the newest state.
+                    created = {k: v for k, v in message.items() if k != "changed"}
+                    return created | {"type": "task.created"}
+                merged = [*older.get("changed", []), *message.get("changed", [])]
+                return {**message, "changed": list(dict.fromkeys(merged))}
+        return message
 
     def pop(self) -> dict[str, Any] | None:
         """The oldest queued message."""
         if not self.items:
             self.ready.clear()
             return None
-        return self.items.popitem(last=False)[1]
+        return self.items.popleft()
+
+
+def _subject(message: dict[str, Any]) -> tuple[str, str]:
+    kind = "task" if "task" in message else "project"
+    return kind, message[kind]["uuid"]
 
 
 class EventSocket(tornado.websocket.WebSocketHandler, BaseHandler):
@@ -153,6 +172,7 @@ class EventSocket(tornado.websocket.WebSocketHandler, BaseHandler):
         """Subscribe, replay what the client missed, then stream live events."""
         services: Services = self.services
         services.metrics.ws_connections.inc()
+        services.sockets.add(self)
         self._feed = services.feed
         upto = self._feed.last_id
         self._feed.subscribers.add(self._on_event)
@@ -162,9 +182,10 @@ class EventSocket(tornado.websocket.WebSocketHandler, BaseHandler):
                 await self._send({"type": "resync"})
                 self.close(1000, "resync")
                 return
+            # Missed events go out one by one, before anything that arrived meanwhile.
             for event in replay:
                 if self._wants(event):
-                    self._send_later(event)
+                    await self._send(render(event, services.objects.link))
         self.sender = asyncio.ensure_future(self._send_queued())
 
     def _wants(self, event: StoredEvent) -> bool:
@@ -202,6 +223,7 @@ class EventSocket(tornado.websocket.WebSocketHandler, BaseHandler):
         if hasattr(self, "_feed"):
             self._feed.subscribers.discard(self._on_event)
             self.services.metrics.ws_connections.dec()
+            self.services.sockets.discard(self)
         if self.sender is not None:
             self.sender.cancel()
 

@@ -21,7 +21,7 @@ from storage.tasks import TaskStore
 access_log = logging.getLogger("satchel.access")
 # Idle websockets are pinged this often and closed when a pong takes longer than the timeout.
 WS_PING_INTERVAL = 20.0
-WS_PING_TIMEOUT = 30.0
+WS_PING_TIMEOUT = 15.0
 
 ROUTES: list[tuple[str, type[BaseHandler], dict[str, Any]]] = [
     *projects.routes,
@@ -42,6 +42,7 @@ class Services:
     feed: EventFeed
     stores: dict[str, Any] = field(default_factory=dict)
     runner: Any = None
+    sockets: set[Any] = field(default_factory=set)
 
 
 def build_services(settings: Settings, db: Database, objects: ObjectStore) -> Services:

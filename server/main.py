@@ -8,15 +8,22 @@ import contextlib
 import logging
 import signal
 import sys
+from collections.abc import AsyncIterator
+from typing import Any
 
 import tornado.httpserver
 
+from handlers.base import DISCARD_LIMIT
 from server import logs
-from server.app import build_services, make_app
+from server.app import Services, build_services, make_app
 from server.config import ConfigError, Settings
 from storage.db import Database
+from storage.feed import StoredEvent
 from storage.migrate import migrate
+from storage.multipart import ensure_bucket, part_size_for
 from storage.s3 import ObjectStore
+from tasks.fetcher import FetchPolicy
+from tasks.runner import Runner, RunnerConfig
 
 log = logging.getLogger("satchel.server")
 # Time in-flight requests get to finish once the server stops accepting.
@@ -34,27 +41,89 @@ def object_store(settings: Settings) -> ObjectStore:
     )
 
 
-async def serve(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT, then stop in order: accepting, requests, pools."""
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
+def fetch_policy(settings: Settings) -> FetchPolicy:
+    """How archive jobs may download, from `settings`."""
+    return FetchPolicy(allowlist=settings.fetch_allowlist, max_file_bytes=settings.max_file_bytes)
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[Services]:
+    """Everything but the HTTP listener: pools, S3, event feed and archive runner.
+
+    Each piece registers its own shutdown where it is created, so leaving the block stops them
+    in reverse: the runner drains first, then the feed, then S3 and the database pool.
+    """
     async with contextlib.AsyncExitStack() as stack:
         db = Database(settings.database_url)
         await db.start()
         stack.push_async_callback(db.stop)
         objects = object_store(settings)
         await stack.enter_async_context(objects.running())
+        stack.push_async_callback(_ensure_bucket_later(objects, settings))
         services = build_services(settings, db, objects)
-        server = tornado.httpserver.HTTPServer(
-            make_app(services), xheaders=False, max_body_size=64 * 1024 * 1024
+        services.feed.start()
+        stack.push_async_callback(services.feed.stop)
+        runner = Runner(
+            db=db,
+            objects=objects,
+            policy=fetch_policy(settings),
+            config=RunnerConfig(
+                concurrency=settings.job_concurrency,
+                max_archive_bytes=settings.max_archive_bytes,
+                part_size=part_size_for(settings.max_archive_bytes),
+            ),
+            metrics=services.metrics,
         )
+        services.runner = runner
+        services.feed.subscribers.add(lambda event: runner.wake() if wants_run(event) else None)
+        runner.start()
+        stack.push_async_callback(runner.stop, settings.drain_timeout)
+        yield services
+
+
+def wants_run(event: StoredEvent) -> bool:
+    """Whether an event (from any instance) may have put a task in the archive queue."""
+    return event.type == "task.created" or "urls" in event.changed
+
+
+def _ensure_bucket_later(objects: ObjectStore, settings: Settings) -> Any:
+    """Create the bucket in the background (S3 may come up after us); nothing to undo."""
+    task = asyncio.ensure_future(_ensure_bucket(objects, settings))
+
+    async def cancel() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    return cancel
+
+
+async def _ensure_bucket(objects: ObjectStore, settings: Settings) -> None:
+    while True:
+        try:
+            await ensure_bucket(objects.client, objects.bucket, region=settings.s3_region)
+            return
+        except Exception as exc:
+            log.warning("cannot make sure the bucket exists yet: %s", exc)
+            await asyncio.sleep(5)
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then stop in order: accepting, archives, sockets, pools."""
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    async with running(settings) as services:
+        server = tornado.httpserver.HTTPServer(make_app(services), max_body_size=DISCARD_LIMIT)
         server.listen(settings.port, settings.host)
         log.info("serving on http://%s:%d", settings.host, settings.port)
         await stopping.wait()
         log.info("shutting down")
         server.stop()
+        await services.runner.stop(settings.drain_timeout)
+        for socket in list(services.sockets):
+            socket.close(1001, "server shutting down")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(server.close_all_connections(), REQUEST_GRACE)
 

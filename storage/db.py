@@ -191,8 +191,9 @@ def is_connection_error(exc: BaseException) -> bool:
     """Whether `exc` means the database cannot be reached, as opposed to a bad statement."""
     if isinstance(exc, ServiceUnavailable | psycopg_pool.PoolTimeout | psycopg_pool.PoolClosed):
         return True
-    if isinstance(exc, peewee.PeeweeException) and exc.args and isinstance(exc.args[0], Exception):
-        exc = exc.args[0]
+    if isinstance(exc, peewee.PeeweeException):
+        # peewee wraps the driver's error and keeps it as `orig` (not in `args`).
+        exc = getattr(exc, "orig", None) or exc
     if isinstance(exc, psycopg.InterfaceError):
         return True
     if isinstance(exc, psycopg.OperationalError):

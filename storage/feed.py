@@ -103,6 +103,7 @@ class EventFeed:
         conn = await psycopg.AsyncConnection.connect(
             self.db.url,
             autocommit=True,
+            application_name="satchel-listener",
             connect_timeout=5,
             keepalives=1,
             keepalives_idle=10,

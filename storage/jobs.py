@@ -48,6 +48,7 @@ class RunLock:
         conn = await psycopg.AsyncConnection.connect(
             url,
             autocommit=True,
+            application_name="satchel-run-lock",
             connect_timeout=5,
             keepalives=1,
             keepalives_idle=5,

@@ -18,12 +18,12 @@ import tornado.httpserver
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 
-from server.app import Services, build_services, make_app  # noqa: E402
-from server.config import Settings  # noqa: E402
-from server.devenv import LocalServices, local_services  # noqa: E402
-from server.main import object_store  # noqa: E402
-from storage.db import Database  # noqa: E402
-from storage.migrate import migrate  # noqa: E402
+from server.app import Services, make_app
+from server.config import Settings
+from server.devenv import LocalServices, local_services
+from server.main import running
+from storage.db import Database
+from storage.migrate import migrate
 
 
 @pytest.fixture(scope="session")
@@ -36,8 +36,10 @@ def local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServices]:
 
 @pytest.fixture(scope="session")
 def settings(local: LocalServices) -> Settings:
-    """Settings pointing at the session's services."""
-    return Settings(database_url=local.database_url, s3_endpoint_url=local.s3_endpoint_url)
+    """Settings pointing at the session's services; no archive runs unless a test asks."""
+    return Settings(
+        database_url=local.database_url, s3_endpoint_url=local.s3_endpoint_url, job_concurrency=0
+    )
 
 
 def _free_port() -> int:
@@ -67,7 +69,12 @@ class Server:
     services: Services
 
     async def fetch(
-        self, path: str, method: str = "GET", body: Any = None, *, raw: bytes | None = None,
+        self,
+        path: str,
+        method: str = "GET",
+        body: Any = None,
+        *,
+        raw: bytes | None = None,
         headers: dict[str, str] | None = None,
     ) -> Response:
         """Send one request; `body` is JSON-encoded unless `raw` is given."""
@@ -78,8 +85,14 @@ class Server:
             headers.setdefault("Content-Type", "application/json")
         client = tornado.httpclient.AsyncHTTPClient()
         reply = await client.fetch(
-            self.url + path, method=method, body=data, headers=headers, raise_error=False,
-            follow_redirects=False, allow_nonstandard_methods=True, request_timeout=60,
+            self.url + path,
+            method=method,
+            body=data,
+            headers=headers,
+            raise_error=False,
+            follow_redirects=False,
+            allow_nonstandard_methods=True,
+            request_timeout=60,
         )
         return Response(reply.code, reply.headers, reply.body or b"")
 
@@ -87,21 +100,19 @@ class Server:
 @contextlib.asynccontextmanager
 async def running_server(settings: Settings) -> AsyncIterator[Server]:
     """An app with its own pool and S3 client on a free port."""
-    db = Database(settings.database_url)
-    await db.start()
-    objects = object_store(settings)
-    async with objects.running():
-        services = build_services(settings, db, objects)
+    async with running(settings) as services:
         server = tornado.httpserver.HTTPServer(make_app(services))
         port = _free_port()
         server.listen(port, "127.0.0.1")
-        await _until_available(db)
+        await _until_available(services.db)
         try:
             yield Server(url=f"http://127.0.0.1:{port}", services=services)
         finally:
             server.stop()
+            await services.runner.stop(settings.drain_timeout)
+            for socket_ in list(services.sockets):
+                socket_.close(1001)
             await server.close_all_connections()
-            await db.stop()
 
 
 async def _until_available(db: Database) -> None:
@@ -122,10 +133,10 @@ async def shared_server(settings: Settings) -> AsyncIterator[Server]:
 
 
 @pytest.fixture
-async def app(shared_server: Server) -> AsyncIterator[Server]:
+async def app(shared_server: Server) -> Server:
     """The shared app over empty tables."""
     await shared_server.services.db.execute("TRUNCATE task, project CASCADE")
-    yield shared_server
+    return shared_server
 
 
 ServerFactory = Callable[..., Awaitable[Server]]

@@ -1,0 +1,162 @@
+"""Archive runs end to end: real moto S3, a loopback origin allowed through FETCH_ALLOWLIST."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import zipfile
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import tornado.httpclient
+from api_helpers import create_project, create_tasks, task_item
+from origin import FileSpec, Origin, allow, start_origin, stop_origin
+
+
+@pytest.fixture
+async def origin() -> AsyncIterator[Origin]:
+    found, server = await start_origin()
+    yield found
+    await stop_origin(server)
+
+
+async def wait_for(app: Any, task_id: str, statuses: tuple[str, ...], timeout: float = 30) -> Any:
+    """Poll the task until its status is one of `statuses`."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        task = (await app.fetch(f"/tasks/{task_id}")).json()
+        if task["status"] in statuses:
+            return task
+        assert asyncio.get_running_loop().time() < deadline, task
+        await asyncio.sleep(0.1)
+
+
+async def download(url: str) -> bytes:
+    reply = await tornado.httpclient.AsyncHTTPClient().fetch(url)
+    return reply.body
+
+
+async def open_uploads(app: Any) -> list[Any]:
+    objects = app.services.objects
+    listing = await objects.client.list_multipart_uploads(Bucket=objects.bucket)
+    return listing.get("Uploads", [])
+
+
+async def runner_app(make_server: Any, origin: Origin, **overrides: Any) -> Any:
+    return await make_server(job_concurrency=2, fetch_allowlist=allow(origin), **overrides)
+
+
+async def test_finished_archive_holds_every_file(make_server: Any, origin: Origin) -> None:
+    app = await runner_app(make_server, origin)
+    random_bytes = os.urandom(3 * 1024 * 1024)
+    text = b"hello archive\n" * 50000
+    origin.files.update(
+        {
+            "a/logo.png": FileSpec(random_bytes, "image/png"),
+            "b/logo.png": FileSpec(b"second logo", "image/png"),
+            "über.txt": FileSpec(text, "text/plain"),
+        }
+    )
+    project = await create_project(app)
+    urls = [f"{origin.url}/a/logo.png", f"{origin.url}/b/logo.png", f"{origin.url}/%C3%BCber.txt"]
+    [task] = await create_tasks(app, task_item(project["uuid"], "Files", urls=urls))
+    done = await wait_for(app, task["uuid"], ("finished", "failed"))
+    assert done["status"] == "finished", done["error"]
+    assert done["progress"] == 100 and done["error"] is None
+    body = await download(done["archive_url"])
+    with zipfile.ZipFile(io.BytesIO(body)) as archive:
+        names = archive.namelist()
+        assert names == ["logo.png", "logo (1).png", "über.txt"]
+        assert archive.read("logo.png") == random_bytes
+        assert archive.read("logo (1).png") == b"second logo"
+        assert archive.read("über.txt") == text
+        infos = {i.filename: i for i in archive.infolist()}
+        assert infos["logo.png"].compress_type == zipfile.ZIP_STORED
+        assert infos["über.txt"].compress_type == zipfile.ZIP_DEFLATED
+        assert infos["über.txt"].flag_bits & 0x800
+    redirect = await app.fetch(f"/tasks/{task['uuid']}/archive")
+    assert redirect.code == 302
+    assert await download(redirect.headers["Location"]) == body
+    assert await open_uploads(app) == []
+
+
+async def test_origin_404_fails_the_task_and_leaves_no_upload(
+    make_server: Any, origin: Origin
+) -> None:
+    app = await runner_app(make_server, origin)
+    project = await create_project(app)
+    url = f"{origin.url}/missing.png"
+    [task] = await create_tasks(app, task_item(project["uuid"], "Missing", urls=[url]))
+    done = await wait_for(app, task["uuid"], ("finished", "failed"))
+    assert done["status"] == "failed"
+    assert url in done["error"] and "404" in done["error"]
+    assert done["archive_url"] is None and done["progress"] < 100
+    assert origin.hits["missing.png"] == 1
+    assert (await app.fetch(f"/tasks/{task['uuid']}/archive")).code == 409
+    assert await open_uploads(app) == []
+
+
+async def test_internal_address_is_refused_without_a_request(
+    make_server: Any, origin: Origin
+) -> None:
+    app = await runner_app(make_server, origin)
+    origin.files["x.png"] = FileSpec(b"x")
+    port = origin.url.rsplit(":", 1)[1]
+    project = await create_project(app)
+    [task] = await create_tasks(
+        app, task_item(project["uuid"], "Sneaky", urls=[f"http://localhost:{port}/x.png"])
+    )
+    done = await wait_for(app, task["uuid"], ("finished", "failed"))
+    assert done["status"] == "failed" and "refused" in done["error"]
+    assert origin.hits["x.png"] == 0
+
+
+async def test_progress_rises_to_100_exactly_at_finished(make_server: Any, origin: Origin) -> None:
+    app = await runner_app(make_server, origin)
+    origin.files["slow.bin"] = FileSpec(os.urandom(2 * 1024 * 1024), delay_per_chunk=0.05)
+    project = await create_project(app)
+    [task] = await create_tasks(
+        app, task_item(project["uuid"], "Slow", urls=[f"{origin.url}/slow.bin"])
+    )
+    seen = []
+    while True:
+        current = (await app.fetch(f"/tasks/{task['uuid']}")).json()
+        seen.append((current["status"], current["progress"]))
+        if current["status"] in ("finished", "failed"):
+            break
+        await asyncio.sleep(0.05)
+    assert seen[-1] == ("finished", 100)
+    progress = [p for _, p in seen]
+    assert progress == sorted(progress)
+    assert all(p < 100 for s, p in seen if s != "finished")
+    assert any(0 < p < 100 for p in progress)
+
+
+async def test_urls_change_mid_run_restarts_with_the_new_files(
+    make_server: Any, origin: Origin
+) -> None:
+    app = await runner_app(make_server, origin)
+    origin.files["old.bin"] = FileSpec(os.urandom(4 * 1024 * 1024), delay_per_chunk=0.05)
+    origin.files["new.txt"] = FileSpec(b"the new file")
+    project = await create_project(app)
+    [task] = await create_tasks(
+        app, task_item(project["uuid"], "Changing", urls=[f"{origin.url}/old.bin"])
+    )
+    await wait_for(app, task["uuid"], ("processing",))
+    await asyncio.sleep(0.5)
+    update = [{"task_id": task["uuid"], "urls": [f"{origin.url}/new.txt"]}]
+    changed = await app.fetch("/tasks/batch_update", "POST", update)
+    assert changed.json()["items"][0]["status"] == "initialized"
+    assert changed.json()["items"][0]["progress"] == 0
+    done = await wait_for(app, task["uuid"], ("finished", "failed"))
+    assert done["status"] == "finished", done["error"]
+    with zipfile.ZipFile(io.BytesIO(await download(done["archive_url"]))) as archive:
+        assert archive.namelist() == ["new.txt"]
+    objects = app.services.objects
+    listing = await objects.client.list_objects_v2(
+        Bucket=objects.bucket, Prefix=f"archives/{task['uuid']}/"
+    )
+    assert len(listing.get("Contents", [])) == 1
+    assert await open_uploads(app) == []
