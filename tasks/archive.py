@@ -79,6 +79,7 @@ class ArchiveRun:
             parts_in_flight=self.parts_in_flight,
         )
         started = time.monotonic()
+        self._count("archives", "started")
         try:
             await self._form(run, upload)
             await self.jobs.check(run)
@@ -99,7 +100,7 @@ class ArchiveRun:
             OSError,
         ) as exc:
             await upload.abort()
-            await self._fail(run, _reason(exc))
+            await self._fail(run, _reason(exc), kind=_kind(exc))
             return
         await self._store(run, key, started)
 
@@ -120,9 +121,12 @@ class ArchiveRun:
             return
         except (ArchiveMismatch, ClientError, BotoCoreError, OSError) as exc:
             await self._delete(key)
-            await self._fail(run, f"the stored archive did not verify: {exc}")
+            await self._fail(run, f"the stored archive did not verify: {exc}", kind="verify")
             return
         await self._delete_superseded(run.task_id, key)
+        self._count("archives", "finished")
+        if self.metrics is not None:
+            self.metrics.archive_seconds.observe(time.monotonic() - started)
         log.info(
             "archive of %s finished",
             run.task_id,
@@ -178,11 +182,15 @@ class ArchiveRun:
                     " bytes"
                 )
             progress.add(index, len(chunk))
+            if self.metrics is not None:
+                self.metrics.bytes_downloaded.inc(len(chunk))
             yield chunk
 
     async def _pump(self, archive: ArchiveStream, upload: MultipartUpload) -> None:
         async for chunk in archive:
             await upload.write(chunk)
+            if self.metrics is not None:
+                self.metrics.bytes_uploaded.inc(len(chunk))
 
     async def _write_progress(self, run: RunStart, progress: Progress) -> None:
         written = 0
@@ -195,8 +203,14 @@ class ArchiveRun:
             else:
                 await self.jobs.check(run)
 
-    async def _fail(self, run: RunStart, reason: str) -> None:
+    def _count(self, metric: str, label: str) -> None:
+        if self.metrics is not None:
+            getattr(self.metrics, metric).labels(label).inc()
+
+    async def _fail(self, run: RunStart, reason: str, *, kind: str) -> None:
         log.warning("archive of %s failed: %s", run.task_id, reason)
+        self._count("archives", "failed")
+        self._count("archive_failures", kind)
         with contextlib.suppress(Fenced):
             await self.jobs.fail(run, reason)
 
@@ -232,6 +246,15 @@ async def _first_failure(
         done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
         for step in done:
             step.result()
+
+
+def _kind(exc: BaseException) -> str:
+    """A small, fixed set of failure reasons for the metric's label."""
+    if isinstance(exc, FetchError):
+        return "fetch"
+    if isinstance(exc, ArchiveTooLarge):
+        return "too_large"
+    return "storage"
 
 
 def _reason(exc: BaseException) -> str:

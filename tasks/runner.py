@@ -100,6 +100,8 @@ class Runner:
                 await asyncio.wait_for(self._wake.wait(), POLL_INTERVAL)
 
     async def _claim(self) -> None:
+        if self.metrics is not None and self.db.available:
+            self.metrics.tasks_waiting.set(await self.jobs.waiting())
         free = self.config.concurrency - len(self.running)
         if free <= 0 or not self.db.available:
             return
@@ -113,6 +115,7 @@ class Runner:
                 continue
             self.running[task_id] = _spawn(self._run(task_id, lock))
             free -= 1
+            self._gauge()
 
     async def _run(self, task_id: uuid_module.UUID, lock: RunLock) -> None:
         try:
@@ -134,7 +137,12 @@ class Runner:
         finally:
             await lock.release()
             self.running.pop(task_id, None)
+            self._gauge()
             self.wake()
+
+    def _gauge(self) -> None:
+        if self.metrics is not None:
+            self.metrics.runs_in_flight.set(len(self.running))
 
 
 def _spawn(coro: Any) -> asyncio.Task[None]:

@@ -45,7 +45,9 @@ async def open_uploads(app: Any) -> list[Any]:
 
 
 async def runner_app(make_server: Any, origin: Origin, **overrides: Any) -> Any:
-    return await make_server(job_concurrency=2, fetch_allowlist=allow(origin), **overrides)
+    return await make_server(
+        **{"job_concurrency": 2, "fetch_allowlist": allow(origin), **overrides}
+    )
 
 
 async def test_finished_archive_holds_every_file(make_server: Any, origin: Origin) -> None:
@@ -160,3 +162,70 @@ async def test_urls_change_mid_run_restarts_with_the_new_files(
     )
     assert len(listing.get("Contents", [])) == 1
     assert await open_uploads(app) == []
+
+
+async def test_a_run_that_lost_its_lock_is_taken_over(make_server: Any, origin: Origin) -> None:
+    first = await runner_app(make_server, origin, job_concurrency=1)
+    origin.files["slow.bin"] = FileSpec(os.urandom(3 * 1024 * 1024), delay_per_chunk=0.05)
+    project = await create_project(first)
+    [task] = await create_tasks(
+        first, task_item(project["uuid"], "Slow", urls=[f"{origin.url}/slow.bin"])
+    )
+    await wait_for(first, task["uuid"], ("processing",))
+    second = await runner_app(make_server, origin, job_concurrency=1)
+    # The first run's lock connection drops while the run itself goes on.
+    killed = await first.services.db.fetchone(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+        " WHERE application_name = 'satchel-run-lock'"
+    )
+    assert killed[0] == 1
+    done = await wait_for(second, task["uuid"], ("finished", "failed"), timeout=60)
+    assert done["status"] == "finished", done["error"]
+    epoch = (
+        await first.services.db.fetchone("SELECT epoch FROM task WHERE uuid = %s", [task["uuid"]])
+    )[0]
+    assert epoch >= 2
+    with zipfile.ZipFile(io.BytesIO(await download(done["archive_url"]))) as archive:
+        assert archive.read("slow.bin") == origin.files["slow.bin"].body
+    objects = first.services.objects
+    await asyncio.sleep(1)
+    listing = await objects.client.list_objects_v2(
+        Bucket=objects.bucket, Prefix=f"archives/{task['uuid']}/"
+    )
+    assert [o["Key"] for o in listing.get("Contents", [])] == [
+        f"archives/{task['uuid']}/{epoch}.zip"
+    ]
+    assert await open_uploads(first) == []
+    # The fenced first run wrote nothing after the takeover: the task stays finished.
+    assert (await first.fetch(f"/tasks/{task['uuid']}")).json()["status"] == "finished"
+
+
+async def test_two_runners_never_run_one_task_twice(make_server: Any, origin: Origin) -> None:
+    one = await runner_app(make_server, origin, job_concurrency=4)
+    two = await runner_app(make_server, origin, job_concurrency=4)
+    for i in range(100):
+        origin.files[f"f{i}.txt"] = FileSpec(f"file {i}".encode())
+    project = await create_project(one)
+    items = [
+        task_item(project["uuid"], f"T{i}", urls=[f"{origin.url}/f{i}.txt"]) for i in range(100)
+    ]
+    tasks = await create_tasks(one, *items)
+    for task in tasks:
+        done = await wait_for(two, task["uuid"], ("finished", "failed"), timeout=120)
+        assert done["status"] == "finished", done["error"]
+    assert all(origin.hits[f"f{i}.txt"] == 1 for i in range(100)), origin.hits
+    rows = await one.services.db.fetchall(
+        "SELECT task_id, count(*) FROM event WHERE type = 'task.archived'"
+        " AND task_id = ANY(%s::uuid[]) GROUP BY task_id",
+        [[t["uuid"] for t in tasks]],
+    )
+    assert len(rows) == 100 and all(count == 1 for _, count in rows)
+    metrics = (await one.fetch("/metrics")).body.decode() + (
+        await two.fetch("/metrics")
+    ).body.decode()
+    finished = sum(
+        float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith('satchel_archives_total{outcome="finished"}')
+    )
+    assert finished == 100
