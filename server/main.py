@@ -61,6 +61,10 @@ async def running(settings: Settings) -> AsyncIterator[Services]:
         await stack.enter_async_context(objects.running())
         stack.push_async_callback(_ensure_bucket_later(objects, settings))
         services = build_services(settings, db, objects)
+        # Read at every scrape, so the gauge can never lag behind the pool's own view.
+        services.metrics.db_up.set_function(lambda: float(db.available))
+        for store in services.stores.values():
+            services.feed.subscribers.add(store.on_event)
         services.feed.start()
         stack.push_async_callback(services.feed.stop)
         runner = Runner(

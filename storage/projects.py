@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any
 
+import orjson
+
+from storage.feed import StoredEvent
 from storage.outbox import Event, record
 from storage.store import Store
-from storage.views import PROJECT_AGGREGATES, PROJECT_FROM, PROJECT_SELECT, project_from_row
+from storage.views import PROJECT_AGGREGATES, PROJECT_FROM, PROJECT_JSON
 
 _INSERT = "INSERT INTO project (name, description, price) VALUES (%s, %s, %s) RETURNING *"
-_CREATE = f"WITH p AS ({_INSERT}) SELECT {PROJECT_SELECT} FROM p {PROJECT_AGGREGATES}"  # noqa: S608
+_CREATE = f"WITH p AS ({_INSERT}) SELECT {PROJECT_JSON} FROM p {PROJECT_AGGREGATES}"  # noqa: S608
 
 
 class ProjectStore(Store):
@@ -20,12 +22,13 @@ class ProjectStore(Store):
 
     table = "project"
     alias = "p"
-    select = PROJECT_SELECT
+    json = PROJECT_JSON
     from_ = PROJECT_FROM
 
-    def render(self, row: Sequence[Any]) -> dict[str, Any]:
-        """A Project as the contract shows it."""
-        return project_from_row(row)
+    def on_event(self, event: StoredEvent) -> None:
+        """A project created on any instance changes the total."""
+        if event.type == "project.created":
+            self.forget_totals()
 
     async def create(
         self, *, name: str, price: Decimal, description: str | None = None
@@ -34,6 +37,7 @@ class ProjectStore(Store):
         async with self.db.transaction():
             row = await self.db.fetchone(_CREATE, [name, description, price])
             assert row is not None
-            project = self.render(row)
+            project: dict[str, Any] = orjson.loads(row[0])
             await record(self.db, [Event("project.created", uuid.UUID(project["uuid"]))])
+        self.forget_totals()
         return project

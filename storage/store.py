@@ -1,59 +1,102 @@
-"""Generic reads shared by every resource: a page in contract order, or one item by UUID."""
+"""Generic reads shared by every resource: a page in contract order, or one item by UUID.
+
+Rows come back from PostgreSQL as JSON text, so a page is joined rather than rebuilt. Totals of
+unfiltered (and some cheaply invalidated) lists are remembered between requests: counting a
+large table on every page would cost more than the page itself. A remembered total is dropped
+when this store writes, when an event from any instance says it changed, or after TOTAL_TTL.
+"""
 
 from __future__ import annotations
 
+import time
 import uuid as uuid_module
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from storage.db import Database
+
+# Upper bound on how stale a remembered total can be, whatever happens to the event feed.
+TOTAL_TTL = 5.0
 
 
 @dataclass(frozen=True)
 class Page:
-    """One page of items and the number of items all pages hold."""
+    """One page of items (each as JSON text) and the number of items all pages hold."""
 
-    items: list[dict[str, Any]]
+    items: list[str]
     total: int
 
 
 class Store:
-    """Reads of one resource; subclasses name their table, columns and filters."""
+    """Reads of one resource; subclasses name their table, JSON expression and filters."""
 
     table: str
     alias: str
-    select: str
+    json: str
     from_: str
+    # SQL expression of a stored archive key to sign into `archive_url`, if the resource has one.
+    link_column: str = "NULL"
     # Query parameter -> SQL condition on the resource's alias, with one %s for the value.
     filters: Mapping[str, str] = {}
+    # Filters whose totals may be remembered (the unfiltered total always may).
+    remembered: frozenset[str] = frozenset()
 
     def __init__(self, db: Database) -> None:
         self.db = db
+        self.totals: dict[tuple[Any, ...], tuple[float, int]] = {}
 
-    def render(self, row: Sequence[Any]) -> dict[str, Any]:
-        """The public representation of one row of `select`."""
-        raise NotImplementedError
+    def finish(self, text: str, key: str | None) -> str:
+        """The row's JSON text, with its archive link signed when it has one."""
+        return text
+
+    def on_event(self, event: Any) -> None:
+        """React to an event of any instance (subclasses drop totals it changes)."""
+
+    def forget_totals(self) -> None:
+        """Drop remembered totals (after a write that may change them)."""
+        self.totals.clear()
 
     async def page(self, *, limit: int, offset: int, **filters: Any) -> Page:
-        """Items in `created_at`, `uuid` order, and the total, in one statement.
-
-        The count is the left side of a lateral join, so an offset past the end still yields
-        one row carrying the total, with NULLs where the page would be.
-        """
-        where, params = self._where(filters)
+        """Items in `created_at`, `uuid` order, and the total, in one statement."""
+        given = {name: value for name, value in filters.items() if value is not None}
+        where, params = self._where(given)
+        key = self._total_key(given)
+        remembered = self.totals.get(key) if key is not None else None
+        if remembered is not None and time.monotonic() - remembered[0] < TOTAL_TTL:
+            rows = await self.db.fetchall(self._page_sql(where), [*params, limit, offset])
+            return Page(items=[self.finish(r[0], r[1]) for r in rows], total=remembered[1])
         a = self.alias
+        # The count is the left side of a lateral join, so an offset past the end still yields
+        # one row carrying the total, with NULLs where the page would be.
         sql = (
             f"SELECT c.total, page.* FROM"  # noqa: S608 - fragments are constants of this package
             f" (SELECT count(*) AS total FROM {self.table} {a} WHERE {where}) c"
-            f" LEFT JOIN LATERAL (SELECT {self.select}, {a}.created_at AS _at, {a}.uuid AS _id"
-            f" FROM {self.from_} WHERE {where}"
-            f" ORDER BY {a}.created_at, {a}.uuid LIMIT %s OFFSET %s) page ON true"
+            f" LEFT JOIN LATERAL ({self._page_sql(where, ordered=True)}) page ON true"
             " ORDER BY page._at, page._id"
         )
         rows = await self.db.fetchall(sql, [*params, *params, limit, offset])
-        items = [self.render(row[1:-2]) for row in rows if row[-1] is not None]
-        return Page(items=items, total=rows[0][0] if rows else 0)
+        total = rows[0][0] if rows else 0
+        if key is not None:
+            self.totals[key] = (time.monotonic(), total)
+        items = [self.finish(r[1], r[2]) for r in rows if r[1] is not None]
+        return Page(items=items, total=total)
+
+    def _page_sql(self, where: str, *, ordered: bool = False) -> str:
+        a = self.alias
+        extra = f", {a}.created_at AS _at, {a}.uuid AS _id" if ordered else ""
+        return (
+            f"SELECT {self.json} AS json, {self.link_column} AS link{extra}"  # noqa: S608
+            f" FROM {self.from_} WHERE {where}"
+            f" ORDER BY {a}.created_at, {a}.uuid LIMIT %s OFFSET %s"
+        )
+
+    def _total_key(self, filters: Mapping[str, Any]) -> tuple[Any, ...] | None:
+        if not set(filters) <= self.remembered:
+            return None
+        return tuple(sorted(filters.items()))
 
     async def get(self, uuid: uuid_module.UUID) -> dict[str, Any] | None:
         """One item, or None when no item has that UUID."""
@@ -63,17 +106,16 @@ class Store:
     async def get_many(self, uuids: Sequence[uuid_module.UUID]) -> list[dict[str, Any]]:
         """The items with these UUIDs, in the order given (missing ones left out)."""
         sql = (
-            f"SELECT {self.select} FROM {self.from_}"  # noqa: S608 - constants of this package
-            f" WHERE {self.alias}.uuid = ANY(%s::uuid[])"
+            f"SELECT {self.alias}.uuid, {self.json}, {self.link_column}"  # noqa: S608
+            f" FROM {self.from_} WHERE {self.alias}.uuid = ANY(%s::uuid[])"
         )
         rows = await self.db.fetchall(sql, [[str(u) for u in uuids]])
-        by_id = {row[0]: self.render(row) for row in rows}
-        return [by_id[str(u)] for u in uuids if str(u) in by_id]
+        by_id = {row[0]: orjson.loads(self.finish(row[1], row[2])) for row in rows}
+        return [by_id[u] for u in uuids if u in by_id]
 
     def _where(self, filters: Mapping[str, Any]) -> tuple[str, list[Any]]:
         conditions, params = [], []
         for name, value in filters.items():
-            if value is not None:
-                conditions.append(self.filters[name])
-                params.append(value)
+            conditions.append(self.filters[name])
+            params.append(value)
         return " AND ".join(conditions) or "true", params

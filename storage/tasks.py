@@ -14,11 +14,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
+import orjson
+
 from storage.db import Database
 from storage.errors import ValidationFailed
+from storage.feed import StoredEvent
 from storage.outbox import Event, project_changes, project_views, record
 from storage.store import Store
-from storage.views import TASK_FROM, TASK_SELECT, LinkMaker, task_from_row
+from storage.views import TASK_FROM, TASK_JSON, LinkMaker
 
 # Field -> messages, per batch index (as a string), the shape of the contract's `errors`.
 Errors = dict[str, dict[str, Any]]
@@ -32,17 +35,29 @@ class TaskStore(Store):
 
     table = "task"
     alias = "t"
-    select = TASK_SELECT
+    json = TASK_JSON
     from_ = TASK_FROM
+    link_column = "t.archive_key"
     filters = {"project_id": "t.project_id = %s", "status": "t.status = %s"}
+    # Per-project counts are cheap (an index range); whole-table ones are remembered.
+    remembered = frozenset({"status"})
 
     def __init__(self, db: Database, link: LinkMaker) -> None:
         super().__init__(db)
         self.link = link
 
-    def render(self, row: Sequence[Any]) -> dict[str, Any]:
-        """A Task as the contract shows it, with a fresh archive link."""
-        return task_from_row(row, self.link)
+    def finish(self, text: str, key: str | None) -> str:
+        """The task's JSON, with its archive link signed afresh when it has an archive."""
+        if key is None:
+            return text
+        task = orjson.loads(text)
+        task["archive_url"] = self.link(key)
+        return orjson.dumps(task).decode()
+
+    def on_event(self, event: StoredEvent) -> None:
+        """New tasks and status changes (from any instance) change the totals."""
+        if event.type == "task.created" or "status" in event.changed:
+            self.forget_totals()
 
     async def create_batch(
         self, items: Sequence[Mapping[str, Any] | None], errors: Errors
@@ -62,6 +77,7 @@ class TaskStore(Store):
             events = [Event("task.created", project, task) for task, project in created]
             after = await project_views(self.db, prices)
             await record(self.db, events + project_changes(before, after))
+            self.forget_totals()
             return await self.get_many([task for task, _ in created])
 
     async def update_batch(
@@ -96,6 +112,7 @@ class TaskStore(Store):
                 if row["changed"]
             ]
             await record(self.db, events + project_changes(before, after))
+            self.forget_totals()
             return await self.get_many(ids)
 
     async def _lock_projects(

@@ -51,6 +51,31 @@ TASK_COLUMNS = (
     ("updated_at", _ts("t.updated_at")),
 )
 
+
+def json_object(columns: Sequence[tuple[str, str]]) -> str:
+    """A json_build_object() of (key, SQL expression) pairs."""
+    return "json_build_object(" + ", ".join(f"'{name}', {expr}" for name, expr in columns) + ")"
+
+
+# Whole rows as JSON text built by PostgreSQL: a page is then joined, not rebuilt, in Python.
+# A task's archive link is null here; a finished task's is signed when it is rendered.
+PROJECT_JSON = json_object(PROJECT_COLUMNS) + "::text"
+TASK_JSON = (
+    json_object(
+        [
+            *(
+                (n, e)
+                for n, e in TASK_COLUMNS
+                if n not in ("archive_key", "created_at", "updated_at")
+            ),
+            ("archive_url", "NULL"),
+            ("project", json_object(PROJECT_COLUMNS)),
+            *((n, e) for n, e in TASK_COLUMNS if n in ("created_at", "updated_at")),
+        ]
+    )
+    + "::text"
+)
+
 PROJECT_SELECT = ", ".join(expr for _, expr in PROJECT_COLUMNS)
 TASK_SELECT = ", ".join(expr for _, expr in TASK_COLUMNS) + ", " + PROJECT_SELECT
 PROJECT_FROM = "project p" + PROJECT_AGGREGATES
@@ -67,12 +92,3 @@ LinkMaker = Callable[[str], str]
 def project_from_row(row: Sequence[Any]) -> dict[str, Any]:
     """A Project as the contract shows it, from a row of PROJECT_SELECT."""
     return dict(zip(_PROJECT_KEYS, row, strict=True))
-
-
-def task_from_row(row: Sequence[Any], link: LinkMaker) -> dict[str, Any]:
-    """A Task as the contract shows it, from a row of TASK_SELECT."""
-    task = dict(zip(_TASK_KEYS, row[:_TASK_WIDTH], strict=True))
-    key = task.pop("archive_key")
-    task["archive_url"] = link(key) if key is not None else None
-    task["project"] = project_from_row(row[_TASK_WIDTH:])
-    return task

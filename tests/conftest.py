@@ -136,6 +136,8 @@ async def shared_server(settings: Settings) -> AsyncIterator[Server]:
 async def app(shared_server: Server) -> Server:
     """The shared app over empty tables."""
     await shared_server.services.db.execute("TRUNCATE task, project CASCADE")
+    for store in shared_server.services.stores.values():
+        store.forget_totals()
     return shared_server
 
 

@@ -19,6 +19,7 @@ async def seed_projects(app, count):
         " FROM generate_series(1, %s) g",
         [count],
     )
+    app.services.stores["projects"].forget_totals()
 
 
 async def seed_tasks(app, project_ids, per_project):
@@ -30,6 +31,7 @@ async def seed_tasks(app, project_ids, per_project):
         " FROM unnest(%s::uuid[]) p, generate_series(1, %s) g",
         [project_ids, per_project],
     )
+    app.services.stores["tasks"].forget_totals()
 
 
 @pytest.mark.parametrize("path", ["/projects", "/tasks"])
@@ -126,6 +128,8 @@ async def test_equal_created_at_is_ordered_by_uuid(app, table):
     await create_project(app, name="later")
     # Every row gets the same instant: only the uuid can order them.
     await app.services.db.execute(f"UPDATE {table} SET created_at = '2026-01-01T00:00:00Z'")
+    for store in app.services.stores.values():
+        store.forget_totals()
     path = "/projects" if table == "project" else "/tasks"
     items = (await app.fetch(f"{path}?limit=500")).json()["items"]
     uuids = [item["uuid"] for item in items]
