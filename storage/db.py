@@ -166,6 +166,23 @@ class Database(Psycopg3Database):  # type: ignore[misc]
         """Rows of one statement."""
         return cast(list[tuple[Any, ...]], await self.aio_execute_sql(sql, params, _fetchall))
 
+    async def fetch_prepared(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Rows of a hot read, as a prepared statement with server-side parameters.
+
+        Each pooled connection plans the statement once instead of on every request; callers
+        keep the text stable (no literals that vary per request) so the plan is reused.
+        """
+        self.require()
+        self.statements += 1
+        try:
+            async with self.aio_connection() as conn:
+                cursor = psycopg.AsyncCursor(conn)
+                await cursor.execute(sql, params, prepare=True)
+                return await cursor.fetchall()
+        except Exception as exc:
+            self._raise_if_unreachable(exc)
+            raise
+
     async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> tuple[Any, ...] | None:
         """The first row of one statement, or None."""
         return cast("tuple[Any, ...] | None", await self.aio_execute_sql(sql, params, _fetchone))

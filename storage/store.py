@@ -66,7 +66,7 @@ class Store:
         key = self._total_key(given)
         remembered = self.totals.get(key) if key is not None else None
         if remembered is not None and time.monotonic() - remembered[0] < TOTAL_TTL:
-            rows = await self.db.fetchall(self._page_sql(where), [*params, limit, offset])
+            rows = await self.db.fetch_prepared(self._page_sql(where), [*params, limit, offset])
             return Page(items=[self.finish(r[0], r[1]) for r in rows], total=remembered[1])
         a = self.alias
         # The count is the left side of a lateral join, so an offset past the end still yields
@@ -77,7 +77,7 @@ class Store:
             f" LEFT JOIN LATERAL ({self._page_sql(where, ordered=True)}) page ON true"
             " ORDER BY page._at, page._id"
         )
-        rows = await self.db.fetchall(sql, [*params, *params, limit, offset])
+        rows = await self.db.fetch_prepared(sql, [*params, *params, limit, offset])
         total = rows[0][0] if rows else 0
         if key is not None:
             self.totals[key] = (time.monotonic(), total)
@@ -109,7 +109,7 @@ class Store:
             f"SELECT {self.alias}.uuid, {self.json}, {self.link_column}"  # noqa: S608
             f" FROM {self.from_} WHERE {self.alias}.uuid = ANY(%s::uuid[])"
         )
-        rows = await self.db.fetchall(sql, [[str(u) for u in uuids]])
+        rows = await self.db.fetch_prepared(sql, [list(uuids)])
         by_id = {row[0]: orjson.loads(self.finish(row[1], row[2])) for row in rows}
         return [by_id[u] for u in uuids if u in by_id]
 
