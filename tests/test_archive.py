@@ -229,3 +229,38 @@ async def test_two_runners_never_run_one_task_twice(make_server: Any, origin: Or
         if line.startswith('satchel_archives_total{outcome="finished"}')
     )
     assert finished == 100
+
+
+async def test_shutdown_drains_then_cancels_and_another_instance_takes_over(
+    make_server: Any, origin: Origin
+) -> None:
+    leaving = await runner_app(make_server, origin, job_concurrency=1)
+    origin.files["quick.txt"] = FileSpec(b"quick")
+    origin.files["slow.bin"] = FileSpec(os.urandom(3 * 1024 * 1024), delay_per_chunk=0.05)
+    project = await create_project(leaving)
+    [slow] = await create_tasks(
+        leaving, task_item(project["uuid"], "Slow", urls=[f"{origin.url}/slow.bin"])
+    )
+    await wait_for(leaving, slow["uuid"], ("processing",))
+    # The drain window is too short for this archive: the run is cancelled and let go.
+    await leaving.services.runner.stop(drain_timeout=0.3)
+    assert leaving.services.runner.running == {}
+    task = (await leaving.fetch(f"/tasks/{slow['uuid']}")).json()
+    assert task["status"] == "processing"
+    assert await open_uploads(leaving) == []
+    staying = await runner_app(make_server, origin, job_concurrency=1)
+    done = await wait_for(staying, slow["uuid"], ("finished", "failed"), timeout=60)
+    assert done["status"] == "finished", done["error"]
+
+
+async def test_shutdown_lets_a_short_archive_finish(make_server: Any, origin: Origin) -> None:
+    app = await runner_app(make_server, origin, job_concurrency=1)
+    origin.files["medium.bin"] = FileSpec(os.urandom(1024 * 1024), delay_per_chunk=0.05)
+    project = await create_project(app)
+    [task] = await create_tasks(
+        app, task_item(project["uuid"], "Medium", urls=[f"{origin.url}/medium.bin"])
+    )
+    await wait_for(app, task["uuid"], ("processing",))
+    await app.services.runner.stop(drain_timeout=30)
+    done = (await app.fetch(f"/tasks/{task['uuid']}")).json()
+    assert done["status"] == "finished", done["error"]

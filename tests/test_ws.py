@@ -273,3 +273,24 @@ async def test_a_client_that_never_reads_is_dropped_others_keep_up(
     assert app.services.metrics.ws_dropped._value.get() == dropped_before + 1
     lazy.close()
     reader.close()
+
+
+async def test_pruning_drops_old_events_and_raises_the_horizon(app: Any) -> None:
+    project = await create_project(app)
+    await create_project(app)
+    rows = await app.services.db.fetchall("SELECT id FROM event ORDER BY id")
+    old, recent = rows[-2][0], rows[-1][0]
+    await app.services.db.execute(
+        "UPDATE event SET created_at = clock_timestamp() - interval '2 days' WHERE id <= %s", [old]
+    )
+    await app.services.feed.prune()
+    left = await app.services.db.fetchall("SELECT id FROM event WHERE id <= %s", [recent])
+    assert [row[0] for row in left] == [recent]
+    horizon = await app.services.db.fetchone("SELECT pruned_through FROM event_horizon")
+    assert horizon[0] >= old
+    ws = await connect(app, f"since={old - 1}")
+    assert await receive(ws, 1) == [{"type": "resync"}]
+    ws.close()
+    ws = await connect(app, f"since={old}&project_id={project['uuid']}")
+    assert await silent(ws)
+    ws.close()
