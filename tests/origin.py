@@ -20,6 +20,9 @@ class FileSpec:
     content_type: str = "application/octet-stream"
     status: int = 200
     delay_per_chunk: float = 0.0  # seconds between 64 KiB chunks: makes a run take a while
+    raw: bytes | None = None  # a whole raw HTTP response, for misbehaving on purpose
+    stall: float = 0.0  # after `raw`, keep the connection open this long before closing
+    fail_first: int = 0  # answer 503 to this many requests first
 
 
 @dataclass
@@ -40,6 +43,14 @@ class _FileHandler(tornado.web.RequestHandler):
         spec = self.origin.files.get(path)
         if spec is None:
             raise tornado.web.HTTPError(404)
+        if self.origin.hits[path] <= spec.fail_first:
+            raise tornado.web.HTTPError(503)
+        if spec.raw is not None:
+            stream = self.request.connection.detach()  # type: ignore[union-attr]
+            await stream.write(spec.raw)
+            await asyncio.sleep(spec.stall)
+            stream.close()
+            return
         self.set_status(spec.status)
         self.set_header("Content-Type", spec.content_type)
         self.set_header("Content-Length", str(len(spec.body)))

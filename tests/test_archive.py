@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import os
 import zipfile
@@ -13,6 +14,8 @@ import pytest
 import tornado.httpclient
 from api_helpers import create_project, create_tasks, task_item
 from origin import FileSpec, Origin, allow, start_origin, stop_origin
+
+from tasks.fetcher import Fetcher
 
 
 @pytest.fixture
@@ -264,3 +267,58 @@ async def test_shutdown_lets_a_short_archive_finish(make_server: Any, origin: Or
     await app.services.runner.stop(drain_timeout=30)
     done = (await app.fetch(f"/tasks/{task['uuid']}")).json()
     assert done["status"] == "finished", done["error"]
+
+
+def _raw(length: int, body: bytes, content_type: str = "application/octet-stream") -> bytes:
+    head = f"HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {length}\r\n\r\n"
+    return head.encode() + body
+
+
+FAILURES = {
+    "stalled": (FileSpec(b"", raw=_raw(1000, b"x" * 100), stall=5), "stalled"),
+    "cut short": (FileSpec(b"", raw=_raw(1000, b"x" * 100)), "closed after 100 of 1000 bytes"),
+    "over size": (FileSpec(b"y" * 5000), "larger than the limit"),
+    "html page": (FileSpec(b"<html></html>", "text/html"), "HTML page"),
+    "always 503": (FileSpec(b"z", fail_first=10), "503"),
+}
+
+
+@pytest.mark.parametrize("case", list(FAILURES))
+async def test_origin_failures_fail_the_task_and_leave_no_upload(
+    make_server: Any, origin: Origin, case: str
+) -> None:
+    app = await runner_app(make_server, origin, max_file_bytes=4096)
+    # A short stall timeout, as an operator would not wait 30 s in a test.
+    policy = app.services.runner.fetcher.policy
+    app.services.runner.fetcher = Fetcher(
+        dataclasses.replace(policy, stall_timeout=0.5, backoff=0.05)
+    )
+    spec, reason = FAILURES[case]
+    origin.files["file.png"] = spec
+    project = await create_project(app)
+    [task] = await create_tasks(
+        app, task_item(project["uuid"], "Bad", urls=[f"{origin.url}/file.png"])
+    )
+    done = await wait_for(app, task["uuid"], ("finished", "failed"))
+    assert done["status"] == "failed"
+    assert f"{origin.url}/file.png" in done["error"] and reason in done["error"], done["error"]
+    assert await open_uploads(app) == []
+
+
+async def test_transient_503s_are_retried_until_the_file_comes(
+    make_server: Any, origin: Origin
+) -> None:
+    app = await runner_app(make_server, origin)
+    policy = app.services.runner.fetcher.policy
+    app.services.runner.fetcher = Fetcher(dataclasses.replace(policy, backoff=0.05))
+    origin.files["flaky.txt"] = FileSpec(b"finally", fail_first=2)
+    project = await create_project(app)
+    [task] = await create_tasks(
+        app, task_item(project["uuid"], "Flaky", urls=[f"{origin.url}/flaky.txt"])
+    )
+    done = await wait_for(app, task["uuid"], ("finished", "failed"))
+    assert done["status"] == "finished", done["error"]
+    assert origin.hits["flaky.txt"] == 3
+    with zipfile.ZipFile(io.BytesIO(await download(done["archive_url"]))) as archive:
+        assert archive.read("flaky.txt") == b"finally"
+    assert await open_uploads(app) == []
