@@ -1,7 +1,8 @@
 """The public shape of projects and tasks, computed by PostgreSQL in one statement per page.
 
 Columns come back already as the text the contract wants (UUIDs, money with two decimals,
-dates, RFC 3339 UTC timestamps with milliseconds), so rendering a row is a `zip`.
+dates, RFC 3339 UTC timestamps). Timestamps keep their microseconds: items of one batch are a
+microsecond apart, and a client must be able to see the order `created_at, uuid` it lists in.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any
 
 
 def _ts(column: str) -> str:
-    return f"to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
+    return f"to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
 
 
 # The aggregates of the contract: latest estimate, lowest status (the enum's order), smallest

@@ -228,3 +228,13 @@ async def test_a_filtered_page_of_tasks_costs_no_more(app):
     assert len(page["items"]) == 50
     assert page["total"] == 60
     assert filtered == plain
+
+
+async def test_the_shown_created_at_and_uuid_reproduce_the_listed_order(app):
+    project = await create_project(app, price="100")
+    items = [task_item(project["uuid"], f"T{i}") for i in range(30)]
+    created = await create_tasks(app, *items)
+    listed = (await app.fetch("/tasks?limit=100")).json()["items"]
+    assert [t["uuid"] for t in listed] == [t["uuid"] for t in created]
+    keys = [(t["created_at"], t["uuid"]) for t in listed]
+    assert keys == sorted(keys)
