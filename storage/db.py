@@ -33,6 +33,8 @@ POOL_TIMEOUT = 5.0
 # A down database is probed this often; recovery is noticed within this time plus a connect.
 PROBE_INTERVAL = 0.5
 CONNECT_TIMEOUT = 3
+# The look at start-up is short: a database that does not answer within it is probed later.
+START_PROBE_TIMEOUT = 1.0
 
 
 def _keepalive_params() -> dict[str, Any]:
@@ -86,9 +88,16 @@ class Database(Psycopg3Database):  # type: ignore[misc]
         super().__init__("satchel", pool_params=pool_params)
 
     async def start(self) -> None:
-        """Open the pool without waiting for the database, and start watching it."""
+        """Open the pool; one quick look at the database, then watch it in the background.
+
+        The quick look lets the first requests after start-up succeed when the database is
+        there; a refused connection fails at once, so a missing database costs no delay.
+        """
         await self.aio_connect()
-        self.mark_down()
+        if await self._reachable(timeout=START_PROBE_TIMEOUT):
+            self.available = True
+        else:
+            self.mark_down()
 
     async def stop(self) -> None:
         """Stop probing and close the pool."""
@@ -117,13 +126,20 @@ class Database(Psycopg3Database):  # type: ignore[misc]
         if self._probe is None or self._probe.done():
             self._probe = asyncio.get_running_loop().create_task(self._probe_until_up())
 
+    async def _reachable(self, timeout: float) -> bool:
+        try:
+            conn = await asyncio.wait_for(
+                psycopg.AsyncConnection.connect(self.url, **_keepalive_params()), timeout
+            )
+        except (psycopg.Error, OSError, TimeoutError):
+            return False
+        await conn.close()
+        return True
+
     async def _probe_until_up(self) -> None:
         while True:
             started = time.monotonic()
-            try:
-                conn = await psycopg.AsyncConnection.connect(self.url, **_keepalive_params())
-                await conn.close()
-            except psycopg.Error:
+            if not await self._reachable(timeout=CONNECT_TIMEOUT):
                 await asyncio.sleep(max(0.0, PROBE_INTERVAL - (time.monotonic() - started)))
                 continue
             await self.pool.check()
