@@ -94,7 +94,7 @@ class Database(Psycopg3Database):  # type: ignore[misc]
         there; a refused connection fails at once, so a missing database costs no delay.
         """
         await self.aio_connect()
-        if await self._reachable(timeout=START_PROBE_TIMEOUT):
+        if await self._reachable(limit=START_PROBE_TIMEOUT):
             self.available = True
         else:
             self.mark_down()
@@ -126,10 +126,10 @@ class Database(Psycopg3Database):  # type: ignore[misc]
         if self._probe is None or self._probe.done():
             self._probe = asyncio.get_running_loop().create_task(self._probe_until_up())
 
-    async def _reachable(self, timeout: float) -> bool:
+    async def _reachable(self, limit: float) -> bool:
         try:
             conn = await asyncio.wait_for(
-                psycopg.AsyncConnection.connect(self.url, **_keepalive_params()), timeout
+                psycopg.AsyncConnection.connect(self.url, **_keepalive_params()), limit
             )
         except (psycopg.Error, OSError, TimeoutError):
             return False
@@ -139,7 +139,7 @@ class Database(Psycopg3Database):  # type: ignore[misc]
     async def _probe_until_up(self) -> None:
         while True:
             started = time.monotonic()
-            if not await self._reachable(timeout=CONNECT_TIMEOUT):
+            if not await self._reachable(limit=CONNECT_TIMEOUT):
                 await asyncio.sleep(max(0.0, PROBE_INTERVAL - (time.monotonic() - started)))
                 continue
             await self.pool.check()
