@@ -6,12 +6,15 @@ import asyncio
 import contextlib
 import logging
 import re
+import struct
 import uuid
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
+import tornado.iostream
 import tornado.websocket
 
 from handlers.base import BaseHandler
@@ -49,6 +52,20 @@ def render(event: StoredEvent, link: Callable[[str], str]) -> dict[str, Any]:
     return message
 
 
+@dataclass
+class Outgoing:
+    """A message for one or more clients, serialised once until a merge changes it."""
+
+    message: dict[str, Any]
+    data: bytes | None = None
+
+    def encoded(self) -> bytes:
+        """The message as JSON bytes."""
+        if self.data is None:
+            self.data = orjson.dumps(self.message)
+        return self.data
+
+
 class ClientQueue:
     """Events waiting for one client.
 
@@ -59,41 +76,96 @@ class ClientQueue:
 
     def __init__(self, limit: int | None = None) -> None:
         self.limit = MAX_QUEUE if limit is None else limit
-        self.items: deque[dict[str, Any]] = deque()
+        self.items: deque[Outgoing] = deque()
         self.ready = asyncio.Event()
 
-    def push(self, message: dict[str, Any]) -> bool:
+    def push(self, item: Outgoing) -> bool:
         """Queue a message; False when the client has fallen too far behind."""
         if len(self.items) >= COALESCE_AFTER:
-            message = self._replace_older(message)
-        self.items.append(message)
+            item = self._replace_older(item)
+        self.items.append(item)
         self.ready.set()
         return len(self.items) <= self.limit
 
-    def _replace_older(self, message: dict[str, Any]) -> dict[str, Any]:
+    def _replace_older(self, item: Outgoing) -> Outgoing:
+        message = item.message
         subject = _subject(message)
         for older in self.items:
-            if _subject(older) == subject:
+            if _subject(older.message) == subject:
                 self.items.remove(older)
-                if older["type"] == "task.created":
+                if older.message["type"] == "task.created":
                     # The client never saw the task: it gets its creation, at the newest state.
                     created = {k: v for k, v in message.items() if k != "changed"}
-                    return created | {"type": "task.created"}
-                merged = [*older.get("changed", []), *message.get("changed", [])]
-                return {**message, "changed": list(dict.fromkeys(merged))}
-        return message
+                    return Outgoing(created | {"type": "task.created"})
+                merged = [*older.message.get("changed", []), *message.get("changed", [])]
+                return Outgoing({**message, "changed": list(dict.fromkeys(merged))})
+        return item
 
-    def pop(self) -> dict[str, Any] | None:
-        """The oldest queued message."""
-        if not self.items:
-            self.ready.clear()
-            return None
-        return self.items.popleft()
+    def take_all(self) -> list[Outgoing]:
+        """Everything queued, oldest first."""
+        items = list(self.items)
+        self.items.clear()
+        self.ready.clear()
+        return items
 
 
 def _subject(message: dict[str, Any]) -> tuple[str, str]:
     kind = "task" if "task" in message else "project"
     return kind, message[kind]["uuid"]
+
+
+def frame(data: bytes) -> bytes:
+    """One unmasked, uncompressed RFC 6455 text frame (servers never mask)."""
+    size = len(data)
+    if size < 126:
+        head = struct.pack("!BB", 0x81, size)
+    elif size <= 0xFFFF:
+        head = struct.pack("!BBH", 0x81, 126, size)
+    else:
+        head = struct.pack("!BBQ", 0x81, 127, size)
+    return head + data
+
+
+class EventHub:
+    """The instance's sockets, indexed by what they follow; each event is rendered once."""
+
+    def __init__(self, link: Callable[[str], str]) -> None:
+        self.link = link
+        self.everything: set[EventSocket] = set()
+        self.by_project: dict[str, set[EventSocket]] = {}
+        self.by_task: dict[str, set[EventSocket]] = {}
+
+    def add(self, socket: EventSocket) -> None:
+        """Start delivering to `socket`."""
+        if not socket.projects and not socket.tasks:
+            self.everything.add(socket)
+        for key in socket.projects:
+            self.by_project.setdefault(key, set()).add(socket)
+        for key in socket.tasks:
+            self.by_task.setdefault(key, set()).add(socket)
+
+    def remove(self, socket: EventSocket) -> None:
+        """Stop delivering to `socket`."""
+        self.everything.discard(socket)
+        for index, keys in ((self.by_project, socket.projects), (self.by_task, socket.tasks)):
+            for key in keys:
+                followers = index.get(key)
+                if followers is not None:
+                    followers.discard(socket)
+                    if not followers:
+                        del index[key]
+
+    def deliver(self, event: StoredEvent) -> None:
+        """Queue the event for every socket that follows its task or project."""
+        targets = set(self.everything)
+        targets.update(self.by_project.get(event.project_id, ()))
+        if event.task_id is not None:
+            targets.update(self.by_task.get(event.task_id, ()))
+        if not targets:
+            return
+        item = Outgoing(render(event, self.link))
+        for socket in targets:
+            socket.send_later(item)
 
 
 class EventSocket(tornado.websocket.WebSocketHandler, BaseHandler):
@@ -173,11 +245,11 @@ class EventSocket(tornado.websocket.WebSocketHandler, BaseHandler):
         services: Services = self.services
         services.metrics.ws_connections.inc()
         services.sockets.add(self)
-        self._feed = services.feed
-        upto = self._feed.last_id
-        self._feed.subscribers.add(self._on_event)
+        self._hub: EventHub = services.hub
+        upto = services.feed.last_id
+        self._hub.add(self)
         if self.since is not None:
-            replay = await self._feed.replay(self.since, upto)
+            replay = await services.feed.replay(self.since, upto)
             if replay is None:
                 await self._send({"type": "resync"})
                 self.close(1000, "resync")
@@ -193,22 +265,27 @@ class EventSocket(tornado.websocket.WebSocketHandler, BaseHandler):
             return True
         return event.project_id in self.projects or event.task_id in self.tasks
 
-    def _on_event(self, event: StoredEvent) -> None:
-        if self._wants(event):
-            self._send_later(event)
-
-    def _send_later(self, event: StoredEvent) -> None:
-        if not self.queue.push(render(event, self.services.objects.link)):
+    def send_later(self, item: Outgoing) -> None:
+        """Queue a message; a client that has fallen too far behind is let go."""
+        if not self.queue.push(item):
             self.services.metrics.ws_dropped.inc()
-            self._feed.subscribers.discard(self._on_event)
+            self._hub.remove(self)
             self.close(CLOSE_TRY_AGAIN, "too slow: reconnect with since")
 
     async def _send_queued(self) -> None:
+        # Everything queued goes out in one write: one system call for a burst, not one each.
         while True:
             await self.queue.ready.wait()
-            message = self.queue.pop()
-            if message is not None:
-                await self._send(message)
+            items = self.queue.take_all()
+            connection = self.ws_connection
+            if not items or connection is None or connection.is_closing():
+                continue
+            data = b"".join(frame(item.encoded()) for item in items)
+            try:
+                await connection.stream.write(data)  # type: ignore[union-attr]
+            except tornado.iostream.StreamClosedError:
+                return
+            self.services.metrics.ws_messages.inc(len(items))
 
     async def _send(self, message: dict[str, Any]) -> None:
         with contextlib.suppress(tornado.websocket.WebSocketClosedError):
@@ -220,8 +297,8 @@ class EventSocket(tornado.websocket.WebSocketHandler, BaseHandler):
 
     def on_close(self) -> None:
         """Unsubscribe and stop sending."""
-        if hasattr(self, "_feed"):
-            self._feed.subscribers.discard(self._on_event)
+        if hasattr(self, "_hub"):
+            self._hub.remove(self)
             self.services.metrics.ws_connections.dec()
             self.services.sockets.discard(self)
         if self.sender is not None:

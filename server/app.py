@@ -42,6 +42,7 @@ class Services:
     feed: EventFeed
     stores: dict[str, Any] = field(default_factory=dict)
     runner: Any = None
+    hub: Any = None
     sockets: set[Any] = field(default_factory=set)
 
 
@@ -52,6 +53,7 @@ def build_services(settings: Settings, db: Database, objects: ObjectStore) -> Se
     services = Services(settings=settings, db=db, objects=objects, metrics=metrics, feed=feed)
     services.stores["projects"] = ProjectStore(db)
     services.stores["tasks"] = TaskStore(db, objects.link)
+    services.hub = ws.EventHub(objects.link)
     return services
 
 

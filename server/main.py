@@ -65,6 +65,7 @@ async def running(settings: Settings) -> AsyncIterator[Services]:
         services.metrics.db_up.set_function(lambda: float(db.available))
         for store in services.stores.values():
             services.feed.subscribers.add(store.on_event)
+        services.feed.subscribers.add(services.hub.deliver)
         services.feed.start()
         stack.push_async_callback(services.feed.stop)
         runner = Runner(
@@ -118,6 +119,14 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    try:
+        await _serve_until(settings, stopping)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+async def _serve_until(settings: Settings, stopping: asyncio.Event) -> None:
     async with running(settings) as services:
         server = tornado.httpserver.HTTPServer(make_app(services), max_body_size=DISCARD_LIMIT)
         server.listen(settings.port, settings.host)

@@ -76,9 +76,11 @@ class TaskStore(Store):
             created = await self._insert(items)
             events = [Event("task.created", project, task) for task, project in created]
             after = await project_views(self.db, prices)
+            tasks = await self.get_many([task for task, _ in created])
+            # Last before COMMIT: the event lock serialises every writer until then.
             await record(self.db, events + project_changes(before, after))
-            self.forget_totals()
-            return await self.get_many([task for task, _ in created])
+        self.forget_totals()
+        return tasks
 
     async def update_batch(
         self, items: Sequence[Mapping[str, Any] | None], errors: Errors
@@ -111,9 +113,10 @@ class TaskStore(Store):
                 for row in rows
                 if row["changed"]
             ]
+            tasks = await self.get_many(ids)
             await record(self.db, events + project_changes(before, after))
-            self.forget_totals()
-            return await self.get_many(ids)
+        self.forget_totals()
+        return tasks
 
     async def _lock_projects(
         self, ids: Iterable[uuid_module.UUID]
