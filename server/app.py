@@ -51,8 +51,9 @@ def build_services(settings: Settings, db: Database, objects: ObjectStore) -> Se
     metrics = Metrics()
     feed = EventFeed(db, retention=settings.event_retention, metrics=metrics)
     services = Services(settings=settings, db=db, objects=objects, metrics=metrics, feed=feed)
-    services.stores["projects"] = ProjectStore(db)
-    services.stores["tasks"] = TaskStore(db, objects.link)
+    ttl = settings.page_cache_ttl
+    services.stores["projects"] = ProjectStore(db, page_ttl=ttl)
+    services.stores["tasks"] = TaskStore(db, objects.link, page_ttl=ttl)
     services.hub = ws.EventHub(objects.link)
     return services
 

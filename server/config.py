@@ -69,6 +69,8 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
     log_level: str = "INFO"
     log_format: str = "json"
+    # Not in the contract's table: how long list pages are remembered (0 turns it off).
+    page_cache_ttl: float = 2.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -96,4 +98,5 @@ class Settings:
             cors_origins=_list(env, "CORS_ORIGINS"),
             log_level=(env.get("LOG_LEVEL", "").strip() or cls.log_level).upper(),
             log_format=log_format,
+            page_cache_ttl=_float(env, "PAGE_CACHE_TTL", cls.page_cache_ttl),
         )

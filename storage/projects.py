@@ -27,6 +27,7 @@ class ProjectStore(Store):
 
     def on_event(self, event: StoredEvent) -> None:
         """A project created on any instance changes the total."""
+        super().on_event(event)
         if event.type == "project.created":
             self.forget_totals()
 

@@ -1,9 +1,17 @@
 """Generic reads shared by every resource: a page in contract order, or one item by UUID.
 
-Rows come back from PostgreSQL as JSON text, so a page is joined rather than rebuilt. Totals of
-unfiltered (and some cheaply invalidated) lists are remembered between requests: counting a
-large table on every page would cost more than the page itself. A remembered total is dropped
-when this store writes, when an event from any instance says it changed, or after TOTAL_TTL.
+Rows come back from PostgreSQL as JSON text, so a page is joined rather than rebuilt.
+
+Pages are remembered between requests (dashboards ask for the same first pages over and over),
+as rows before archive links are signed, so links are still made afresh for every response.
+Every change reaches every instance as an event, and any event drops the remembered pages;
+this store's own writes drop them before they answer, so a client always reads its own writes.
+A read that overlaps a drop is not remembered (the generation check), and nothing is kept
+longer than PAGE_CACHE_TTL whatever happens to the event feed.
+
+Totals of unfiltered (and some cheaply invalidated) lists are remembered longer: counting a
+large table costs more than the page itself. They are dropped when this store writes, when an
+event says they changed, or after TOTAL_TTL.
 """
 
 from __future__ import annotations
@@ -18,8 +26,11 @@ import orjson
 
 from storage.db import Database
 
-# Upper bound on how stale a remembered total can be, whatever happens to the event feed.
+# Upper bounds on how stale a remembered total or page can be, whatever happens to the feed.
 TOTAL_TTL = 5.0
+PAGE_TTL = 2.0  # the default of PAGE_CACHE_TTL
+# Distinct pages remembered per store before the memory is emptied.
+MAX_PAGES = 256
 
 
 @dataclass(frozen=True)
@@ -44,30 +55,58 @@ class Store:
     # Filters whose totals may be remembered (the unfiltered total always may).
     remembered: frozenset[str] = frozenset()
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, page_ttl: float = PAGE_TTL) -> None:
         self.db = db
+        self.page_ttl = page_ttl
         self.totals: dict[tuple[Any, ...], tuple[float, int]] = {}
+        self.pages: dict[tuple[Any, ...], tuple[float, int, list[tuple[str, str | None]]]] = {}
+        self.generation = 0
 
     def finish(self, text: str, key: str | None) -> str:
         """The row's JSON text, with its archive link signed when it has one."""
         return text
 
     def on_event(self, event: Any) -> None:
-        """React to an event of any instance (subclasses drop totals it changes)."""
+        """Any change may show on a page (aggregates included); subclasses drop totals too."""
+        self.forget_pages()
+
+    def forget_pages(self) -> None:
+        """Drop remembered pages, and keep reads already under way from being remembered."""
+        self.generation += 1
+        self.pages.clear()
 
     def forget_totals(self) -> None:
-        """Drop remembered totals (after a write that may change them)."""
+        """Drop remembered totals and pages (after a write that may change them)."""
         self.totals.clear()
+        self.forget_pages()
 
     async def page(self, *, limit: int, offset: int, **filters: Any) -> Page:
-        """Items in `created_at`, `uuid` order, and the total, in one statement."""
+        """Items in `created_at`, `uuid` order, and the total."""
         given = {name: value for name, value in filters.items() if value is not None}
+        key = (tuple(sorted(given.items())), limit, offset)
+        remembered = self.pages.get(key)
+        if remembered is not None and time.monotonic() - remembered[0] < self.page_ttl:
+            _at, total, rows = remembered
+        else:
+            generation = self.generation
+            total, rows = await self._read_page(given, limit=limit, offset=offset)
+            if generation == self.generation and self.page_ttl > 0:
+                if len(self.pages) >= MAX_PAGES:
+                    self.pages.clear()
+                self.pages[key] = (time.monotonic(), total, rows)
+        return Page(items=[self.finish(text, link) for text, link in rows], total=total)
+
+    async def _read_page(
+        self, given: Mapping[str, Any], *, limit: int, offset: int
+    ) -> tuple[int, list[tuple[str, str | None]]]:
+        """Rows of one page and the total, in one statement."""
+        generation = self.generation
         where, params = self._where(given)
         key = self._total_key(given)
         remembered = self.totals.get(key) if key is not None else None
         if remembered is not None and time.monotonic() - remembered[0] < TOTAL_TTL:
             rows = await self.db.fetch_prepared(self._page_sql(where), [*params, limit, offset])
-            return Page(items=[self.finish(r[0], r[1]) for r in rows], total=remembered[1])
+            return remembered[1], [(r[0], r[1]) for r in rows]
         a = self.alias
         # The count is the left side of a lateral join, so an offset past the end still yields
         # one row carrying the total, with NULLs where the page would be.
@@ -79,10 +118,9 @@ class Store:
         )
         rows = await self.db.fetch_prepared(sql, [*params, *params, limit, offset])
         total = rows[0][0] if rows else 0
-        if key is not None:
+        if key is not None and generation == self.generation:
             self.totals[key] = (time.monotonic(), total)
-        items = [self.finish(r[1], r[2]) for r in rows if r[1] is not None]
-        return Page(items=items, total=total)
+        return total, [(r[1], r[2]) for r in rows if r[1] is not None]
 
     def _page_sql(self, where: str, *, ordered: bool = False) -> str:
         a = self.alias

@@ -42,8 +42,8 @@ class TaskStore(Store):
     # Per-project counts are cheap (an index range); whole-table ones are remembered.
     remembered = frozenset({"status"})
 
-    def __init__(self, db: Database, link: LinkMaker) -> None:
-        super().__init__(db)
+    def __init__(self, db: Database, link: LinkMaker, **options: Any) -> None:
+        super().__init__(db, **options)
         self.link = link
 
     def finish(self, text: str, key: str | None) -> str:
@@ -55,7 +55,8 @@ class TaskStore(Store):
         return orjson.dumps(task).decode()
 
     def on_event(self, event: StoredEvent) -> None:
-        """New tasks and status changes (from any instance) change the totals."""
+        """New tasks and status changes (from any instance) change the totals too."""
+        super().on_event(event)
         if event.type == "task.created" or "status" in event.changed:
             self.forget_totals()
 

@@ -74,8 +74,9 @@ async def set_state(
         [status, progress, archive_key, error, task_id],
     )
     assert touched == 1
-    # A write behind the API's back sends no event: drop remembered list totals by hand.
-    app.services.stores["tasks"].forget_totals()
+    # A write behind the API's back sends no event: drop remembered pages and totals by hand.
+    for store in app.services.stores.values():
+        store.forget_totals()
 
 
 async def batch_update(app: Any, items: list[Any]) -> Any:
