@@ -31,6 +31,8 @@ setup(
             "ruff>=0.8,<1",
             "mypy>=1.13,<3",
             "pre-commit>=3.5,<5",
+            "schemathesis>=4.32,<5",
+            "supervisor>=4.2,<5",
         ],
     },
     entry_points={"console_scripts": ["satchel=server.main:cli"]},

@@ -33,6 +33,38 @@ _PROBLEMS = {
 _OUT = {"/projects": "Project", "/tasks": "Task"}
 
 
+def _operation_ref(route: str, method: str) -> str:
+    return "#/paths/" + route.replace("~", "~0").replace("/", "~1") + "/" + method
+
+
+def _link(route: str, method: str, **fields: Any) -> dict[str, Any]:
+    return {"operationRef": _operation_ref(route, method), **fields}
+
+
+_FIRST_TASK = "$response.body#/items/0/uuid"
+# How a response feeds the next request (OpenAPI links): for clients, and the paths the
+# stateful phase of tests/fuzz/run.py follows. Keyed by (route, method, status).
+_LINKS: dict[tuple[str, str, str], dict[str, Any]] = {
+    ("/projects", "post", "201"): {
+        "GetProject": _link("/projects/{uuid}", "get", parameters={"uuid": "$response.body#/uuid"}),
+        "ListItsTasks": _link("/tasks", "get", parameters={"project_id": "$response.body#/uuid"}),
+        "CreateItsTasks": _link(
+            "/tasks/batch_create", "post", requestBody=[{"project_id": "{$response.body#/uuid}"}]
+        ),
+    },
+    ("/tasks/batch_create", "post", "201"): {
+        "GetTask": _link("/tasks/{uuid}", "get", parameters={"uuid": _FIRST_TASK}),
+        "GetArchive": _link("/tasks/{uuid}/archive", "get", parameters={"uuid": _FIRST_TASK}),
+        "UpdateTask": _link(
+            "/tasks/batch_update", "post", requestBody=[{"task_id": "{" + _FIRST_TASK + "}"}]
+        ),
+    },
+    ("/tasks/batch_update", "post", "200"): {
+        "GetTask": _link("/tasks/{uuid}", "get", parameters={"uuid": _FIRST_TASK}),
+    },
+}
+
+
 def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
 
@@ -140,6 +172,10 @@ def build_document(
     for _pattern, handler, kwargs in routes:
         route = kwargs["route"]
         ops = _operations(handler, route, spec, plugin)
+        for method, op in ops.items():
+            for status, response in op.get("responses", {}).items():
+                if (route, method, status) in _LINKS:
+                    response["links"] = _LINKS[route, method, status]
         if ops:
             spec.path(path=route, operations=ops)
     return spec.to_dict()

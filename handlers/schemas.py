@@ -19,6 +19,8 @@ MAX_URL_LENGTH = 2048
 MONEY_LIMIT = Decimal(10) ** 12
 CENT = Decimal("0.01")
 _DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+# PostgreSQL's OFFSET is a bigint: a larger value is invalid, not a server error.
+MAX_OFFSET = 2**63 - 1
 MONEY_DOC = {
     "oneOf": [
         {"type": "number", "minimum": 0, "exclusiveMaximum": 1e12},
@@ -28,12 +30,14 @@ MONEY_DOC = {
 }
 MONEY_OR_NULL_DOC = {**MONEY_DOC, "oneOf": [*MONEY_DOC["oneOf"], {"type": "null"}]}  # type: ignore[misc]
 NAME_DOC = {"minLength": 1, "maxLength": 255}
-URLS_DOC = {
-    "minItems": 1,
-    "maxItems": MAX_URLS,
-    "uniqueItems": True,
-    "items": {"type": "string", "format": "uri", "maxLength": MAX_URL_LENGTH},
-}
+# An absolute http(s) URL whose last path segment is not empty; file_url_problem() decides.
+_URL_CHAR = r"[^\s/?#\x00-\x1f\x7f]"
+FILE_URL_PATTERN = (
+    rf"^[Hh][Tt][Tt][Pp][Ss]?://{_URL_CHAR}+/([^\s?#\x00-\x1f\x7f]*/)?{_URL_CHAR}+"
+    r"([?#][^\s\x00-\x1f\x7f]*)?$"
+)
+URL_DOC = {"format": "uri", "pattern": FILE_URL_PATTERN, "maxLength": MAX_URL_LENGTH}
+URLS_DOC = {"minItems": 1, "maxItems": MAX_URLS, "uniqueItems": True}
 
 
 class Text(fields.String):
@@ -130,7 +134,8 @@ class FileUrls(fields.List):  # type: ignore[type-arg]
     """1..100 distinct file URLs; errors are keyed by the index of the offending URL."""
 
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(FileUrl(), **kwargs)
+        # apispec documents a list's items from its inner field, so their rules go there.
+        super().__init__(FileUrl(metadata=URL_DOC), **kwargs)
 
     def _deserialize(  # type: ignore[override]
         self, value: Any, attr: str | None, data: Any, **kwargs: Any
@@ -220,7 +225,7 @@ class PageQuery(Schema):
     """`?limit=` and `?offset=` of every list."""
 
     limit = fields.Integer(load_default=50, validate=validate.Range(min=1, max=500))
-    offset = fields.Integer(load_default=0, validate=validate.Range(min=0))
+    offset = fields.Integer(load_default=0, validate=validate.Range(min=0, max=MAX_OFFSET))
 
 
 class TaskQuery(PageQuery):
