@@ -137,6 +137,24 @@ class JobStore:
         previous = (epoch, upload_id) if upload_id else None
         return RunStart(task_id, project_id, row[0], list(row[1]), previous)
 
+    async def remember_orphan(self, key: str, upload_id: str) -> None:
+        """Keep an upload whose abort S3 did not confirm, to abort it later."""
+        await self.db.execute(
+            "INSERT INTO orphan_upload (upload_id, key) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+            [upload_id, key],
+        )
+
+    async def orphans(self, limit: int = 20) -> list[tuple[str, str]]:
+        """(key, upload id) of uploads still to abort, oldest first."""
+        rows = await self.db.fetchall(
+            "SELECT key, upload_id FROM orphan_upload ORDER BY since LIMIT %s", [limit]
+        )
+        return [(row[0], row[1]) for row in rows]
+
+    async def forget_orphan(self, upload_id: str) -> None:
+        """The upload is confirmed gone."""
+        await self.db.execute("DELETE FROM orphan_upload WHERE upload_id = %s", [upload_id])
+
     async def set_upload(self, run: RunStart, upload_id: str | None) -> None:
         """Remember the run's multipart upload, so a takeover can abort it."""
         count = await self.db.execute(

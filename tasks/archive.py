@@ -85,10 +85,10 @@ class ArchiveRun:
             await self.jobs.check(run)
             await upload.complete()
         except Fenced:
-            await upload.abort()
+            await self._abort(upload)
             return
         except asyncio.CancelledError:
-            await asyncio.shield(upload.abort())
+            await asyncio.shield(self._abort(upload))
             raise
         except (
             FetchError,
@@ -99,7 +99,7 @@ class ArchiveRun:
             BotoCoreError,
             OSError,
         ) as exc:
-            await upload.abort()
+            await self._abort(upload)
             await self._fail(run, _reason(exc), kind=_kind(exc))
             return
         await self._store(run, key, started)
@@ -214,11 +214,27 @@ class ArchiveRun:
         with contextlib.suppress(Fenced):
             await self.jobs.fail(run, reason)
 
+    async def _abort(self, upload: MultipartUpload) -> None:
+        """Abort the run's upload; one S3 does not confirm gone is kept to abort later."""
+        try:
+            await upload.abort()
+        except (UploadError, ClientError, BotoCoreError, OSError) as exc:
+            log.warning("could not abort upload %s yet: %s", upload.upload_id, exc)
+            if upload.upload_id:
+                await self._remember(upload.key, upload.upload_id)
+
     async def _abort_previous(self, key: str, upload_id: str) -> None:
         try:
             await abort_upload(self.objects.client, self.objects.bucket, key, upload_id)
-        except (ClientError, BotoCoreError, OSError) as exc:
-            log.warning("could not abort the upload of a previous run: %s", exc)
+        except (UploadError, ClientError, BotoCoreError, OSError) as exc:
+            log.warning("could not abort the upload of a previous run yet: %s", exc)
+            await self._remember(key, upload_id)
+
+    async def _remember(self, key: str, upload_id: str) -> None:
+        try:
+            await self.jobs.remember_orphan(key, upload_id)
+        except Exception:  # the bucket's lifecycle rule is the last resort then
+            log.exception("could not record upload %s for a later abort", upload_id)
 
     async def _delete_superseded(self, task_id: uuid_module.UUID, key: str) -> None:
         """Remove archives of earlier epochs (an old run may have completed late)."""
@@ -260,5 +276,7 @@ def _kind(exc: BaseException) -> str:
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, FetchError | ArchiveTooLarge):
         return str(exc)
+    # Clients see the kind of failure, not internal endpoints or bucket paths (those are logged).
     cause = exc.__cause__ or exc
-    return f"storing the archive failed: {exc} ({type(cause).__name__}: {cause})"
+    log.warning("storing an archive failed: %s (%r)", exc, cause)
+    return f"storing the archive failed ({type(cause).__name__})"

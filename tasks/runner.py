@@ -15,8 +15,11 @@ import uuid as uuid_module
 from dataclasses import dataclass
 from typing import Any
 
+from botocore.exceptions import BotoCoreError, ClientError
+
 from storage.db import Database, is_connection_error
 from storage.jobs import JobStore, RunLock
+from storage.multipart import UploadError, abort_upload
 from storage.s3 import ObjectStore
 from tasks.archive import ArchiveRun
 from tasks.fetcher import Fetcher, FetchPolicy
@@ -92,12 +95,23 @@ class Runner:
         while not self._stopping:
             self._wake.clear()
             try:
+                if self.db.available:
+                    await self._abort_orphans()
                 await self._claim()
             except Exception as exc:
                 if not is_connection_error(exc):
                     log.exception("claiming archive runs failed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), POLL_INTERVAL)
+
+    async def _abort_orphans(self) -> None:
+        """Retry aborting uploads S3 could not confirm gone before."""
+        for key, upload_id in await self.jobs.orphans():
+            try:
+                await abort_upload(self.objects.client, self.objects.bucket, key, upload_id)
+            except (UploadError, ClientError, BotoCoreError, OSError):
+                return  # S3 still away: try again on the next poll
+            await self.jobs.forget_orphan(upload_id)
 
     async def _claim(self) -> None:
         if self.metrics is not None and self.db.available:

@@ -416,11 +416,6 @@ async def _open_uploads(objects: Any) -> list[Any]:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="an upload whose abort fails while S3 is away is forgotten (tasks/archive.py,"
-    " storage/jobs.py begin()); only the bucket's one-day lifecycle rule removes it",
-)
 async def test_s3_cut_in_the_middle_of_an_archive(
     settings: Any, make_server: Any, origin: Origin, app: Any
 ) -> None:
