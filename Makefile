@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # Rebuilt whenever setup.py changes, so a new dependency lands on the next make.
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test lint bench clean
+.PHONY: venv run test lint bench fuzz clean
 
 venv: $(STAMP)
 
@@ -31,6 +31,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# Schemathesis against a live server's /openapi.json, 1,000 cases per endpoint (CI runs 50).
+fuzz: $(STAMP)
+	$(BIN)/python tests/fuzz/run.py --max-examples 1000
 
 clean:
 	rm -rf .data
