@@ -37,15 +37,24 @@ CONNECT_TIMEOUT = 3
 START_PROBE_TIMEOUT = 1.0
 
 
-def _keepalive_params() -> dict[str, Any]:
-    # A vanished peer is noticed within about 20 s instead of the kernel's two hours.
+def _keepalive_params(idle: int = 10) -> dict[str, Any]:
+    # A vanished peer is noticed within idle + 9 s instead of the kernel's two hours.
     return {
         "connect_timeout": CONNECT_TIMEOUT,
         "keepalives": 1,
-        "keepalives_idle": 10,
+        "keepalives_idle": idle,
         "keepalives_interval": 3,
         "keepalives_count": 3,
     }
+
+
+async def dedicated_connection(
+    url: str, *, name: str, keepalive_idle: int = 10
+) -> psycopg.AsyncConnection[Any]:
+    """A connection outside the pool (LISTEN, run locks), named in pg_stat_activity."""
+    return await psycopg.AsyncConnection.connect(
+        url, autocommit=True, application_name=name, **_keepalive_params(keepalive_idle)
+    )
 
 
 class _DsnPoolBackend(PsycopgPoolBackend):

@@ -14,7 +14,7 @@ from typing import Any
 
 import psycopg
 
-from storage.db import Database
+from storage.db import Database, dedicated_connection
 from storage.outbox import CHANNEL
 
 log = logging.getLogger("satchel.feed")
@@ -100,16 +100,7 @@ class EventFeed:
             await asyncio.sleep(RECONNECT_DELAY)
 
     async def _listen_once(self) -> None:
-        conn = await psycopg.AsyncConnection.connect(
-            self.db.url,
-            autocommit=True,
-            application_name="satchel-listener",
-            connect_timeout=5,
-            keepalives=1,
-            keepalives_idle=10,
-            keepalives_interval=3,
-            keepalives_count=3,
-        )
+        conn = await dedicated_connection(self.db.url, name="satchel-listener")
         self._conn = conn
         async with conn:
             await conn.execute(f"LISTEN {CHANNEL}")

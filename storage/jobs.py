@@ -15,7 +15,7 @@ from typing import Any
 
 import psycopg
 
-from storage.db import Database
+from storage.db import Database, dedicated_connection
 from storage.outbox import Event, project_changes, project_views, record
 
 log = logging.getLogger("satchel.jobs")
@@ -45,16 +45,7 @@ class RunLock:
     @classmethod
     async def try_acquire(cls, url: str, task_id: uuid_module.UUID) -> RunLock | None:
         """The task's run lock, or None when a live run elsewhere holds it."""
-        conn = await psycopg.AsyncConnection.connect(
-            url,
-            autocommit=True,
-            application_name="satchel-run-lock",
-            connect_timeout=5,
-            keepalives=1,
-            keepalives_idle=5,
-            keepalives_interval=3,
-            keepalives_count=3,
-        )
+        conn = await dedicated_connection(url, name="satchel-run-lock", keepalive_idle=5)
         try:
             await conn.execute(_LOCK_SESSION)
             cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", [lock_key(task_id)])
