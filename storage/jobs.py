@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 
 from storage.db import Database, dedicated_connection
-from storage.outbox import Event, project_changes, project_views, record
+from storage.outbox import Event, recording
 
 log = logging.getLogger("satchel.jobs")
 
@@ -107,24 +107,25 @@ class JobStore:
             if old is None:
                 return None
             project_id, status, progress, error, epoch, upload_id = old
-            before = await project_views(self.db, [project_id])
-            row = await self.db.fetchone(
-                "UPDATE task SET status = 'processing', progress = 0, error = NULL,"
-                " upload_id = NULL, epoch = epoch + 1, updated_at = clock_timestamp()"
-                " WHERE uuid = %s RETURNING epoch, urls",
-                [task_id],
-            )
-            assert row is not None
-            changed = [
-                name
-                for name, was, now in (
-                    ("status", status, "processing"),
-                    ("progress", progress, 0),
-                    ("error", error, None),
+            async with recording(self.db, [project_id]) as events:
+                row = await self.db.fetchone(
+                    "UPDATE task SET status = 'processing', progress = 0, error = NULL,"
+                    " upload_id = NULL, epoch = epoch + 1, updated_at = clock_timestamp()"
+                    " WHERE uuid = %s RETURNING epoch, urls",
+                    [task_id],
                 )
-                if was != now
-            ]
-            await self._events(task_id, project_id, "task.updated", changed, before)
+                assert row is not None
+                changed = [
+                    name
+                    for name, was, now in (
+                        ("status", status, "processing"),
+                        ("progress", progress, 0),
+                        ("error", error, None),
+                    )
+                    if was != now
+                ]
+                if changed:
+                    events.append(Event("task.updated", project_id, task_id, changed))
         previous = (epoch, upload_id) if upload_id else None
         return RunStart(task_id, project_id, row[0], list(row[1]), previous)
 
@@ -197,8 +198,7 @@ class JobStore:
     async def _write(
         self, run: RunStart, kind: str, changed: list[str], assignment: str, params: list[Any]
     ) -> None:
-        async with self.db.transaction():
-            before = await project_views(self.db, [run.project_id])
+        async with self.db.transaction(), recording(self.db, [run.project_id]) as events:
             count = await self.db.execute(
                 "UPDATE task SET updated_at = clock_timestamp(), " + assignment,  # noqa: S608
                 params,
@@ -206,16 +206,4 @@ class JobStore:
             if not count:
                 await self.check(run)
                 return
-            await self._events(run.task_id, run.project_id, kind, changed, before)
-
-    async def _events(
-        self,
-        task_id: uuid_module.UUID,
-        project_id: uuid_module.UUID,
-        kind: str,
-        changed: list[str],
-        before: dict[uuid_module.UUID, dict[str, Any]],
-    ) -> None:
-        after = await project_views(self.db, [project_id])
-        events = [Event(kind, project_id, task_id, changed)] if changed else []
-        await record(self.db, events + project_changes(before, after))
+            events.append(Event(kind, run.project_id, run.task_id, changed))

@@ -3,14 +3,23 @@ change's own transaction, and PostgreSQL wakes every instance with a NOTIFY carr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid as uuid_module
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from storage.db import Database
-from storage.views import PROJECT_AGGREGATES, PROJECT_COLUMNS, TASK_COLUMNS, project_from_row
+from storage.views import (
+    PROJECT_AGGREGATES,
+    PROJECT_COLUMNS,
+    PROJECT_FROM,
+    PROJECT_SELECT,
+    TASK_COLUMNS,
+    json_object,
+    project_from_row,
+)
 
 # Taken (for the rest of the transaction) just before ids are drawn: a later transaction
 # cannot draw ids until this one has committed, so ids become visible in increasing order.
@@ -18,12 +27,9 @@ EVENT_LOCK_KEY = 0x5A7C4E2
 CHANNEL = "satchel_events"
 
 
-def _json_object(columns: Iterable[tuple[str, str]]) -> str:
-    return "json_build_object(" + ", ".join(f"'{name}', {expr}" for name, expr in columns) + ")"
-
-
-_PROJECT_JSON = _json_object(PROJECT_COLUMNS)
-_TASK_JSON = _json_object([*TASK_COLUMNS, ("project", _PROJECT_JSON)])
+# Payloads keep the archive key (not a link): links are signed when an event is delivered.
+_PROJECT_JSON = json_object(PROJECT_COLUMNS)
+_TASK_JSON = json_object([*TASK_COLUMNS, ("project", _PROJECT_JSON)])
 _INSERT = (
     "INSERT INTO event (id, type, task_id, project_id, changed, payload)"  # noqa: S608
     " SELECT e.id, e.type, e.task_id, e.project_id, e.changed,"
@@ -33,10 +39,7 @@ _INSERT = (
     " LEFT JOIN task t ON t.uuid = e.task_id"
     " JOIN project p ON p.uuid = e.project_id" + PROJECT_AGGREGATES
 )
-_PROJECTS = (
-    f"SELECT {', '.join(expr for _, expr in PROJECT_COLUMNS)}"  # noqa: S608
-    " FROM project p" + PROJECT_AGGREGATES + " WHERE p.uuid = ANY(%s::uuid[])"
-)
+_PROJECTS = f"SELECT {PROJECT_SELECT} FROM {PROJECT_FROM} WHERE p.uuid = ANY(%s::uuid[])"  # noqa: S608
 
 
 @dataclass
@@ -74,7 +77,24 @@ async def record(db: Database, events: Sequence[Event]) -> None:
     await db.execute("SELECT pg_notify(%s, %s)", [CHANNEL, str(first + len(events) - 1)])
 
 
-async def project_views(
+@contextlib.asynccontextmanager
+async def recording(
+    db: Database, project_ids: Iterable[uuid_module.UUID]
+) -> AsyncIterator[list[Event]]:
+    """Collect the events of a change to these projects' tasks, inside its transaction.
+
+    On leaving the block (without an error) the events are recorded, followed by a
+    `project.updated` for every project whose representation the change altered.
+    """
+    projects = list(project_ids)
+    before = await _project_views(db, projects)
+    events: list[Event] = []
+    yield events
+    after = await _project_views(db, projects)
+    await record(db, events + _project_changes(before, after))
+
+
+async def _project_views(
     db: Database, ids: Iterable[uuid_module.UUID]
 ) -> dict[uuid_module.UUID, dict[str, Any]]:
     """The projects as clients see them, to compare before and after a change."""
@@ -85,7 +105,7 @@ async def project_views(
     return {uuid_module.UUID(row[0]): project_from_row(row) for row in rows}
 
 
-def project_changes(
+def _project_changes(
     before: Mapping[uuid_module.UUID, Mapping[str, Any]],
     after: Mapping[uuid_module.UUID, Mapping[str, Any]],
 ) -> list[Event]:

@@ -19,7 +19,7 @@ import orjson
 from storage.db import Database
 from storage.errors import ValidationFailed
 from storage.feed import StoredEvent
-from storage.outbox import Event, project_changes, project_views, record
+from storage.outbox import Event, recording
 from storage.store import Store
 from storage.views import TASK_FROM, TASK_JSON, LinkMaker
 
@@ -73,13 +73,11 @@ class TaskStore(Store):
             changes = [(i, item, item.get("price")) for i, item in enumerate(items) if item]
             _check_prices(changes, prices, sums, {}, errors)
             _raise_if_invalid(errors, len(items))
-            before = await project_views(self.db, prices)
-            created = await self._insert(items)
-            events = [Event("task.created", project, task) for task, project in created]
-            after = await project_views(self.db, prices)
-            tasks = await self.get_many([task for task, _ in created])
-            # Last before COMMIT: the event lock serialises every writer until then.
-            await record(self.db, events + project_changes(before, after))
+            # The events are recorded last before COMMIT: the event lock serialises writers.
+            async with recording(self.db, prices) as events:
+                created = await self._insert(items)
+                events += [Event("task.created", project, task) for task, project in created]
+                tasks = await self.get_many([task for task, _ in created])
         self.forget_totals()
         return tasks
 
@@ -106,16 +104,14 @@ class TaskStore(Store):
             _check_prices(changes, prices, sums, old, errors)
             _raise_if_invalid(errors, len(items))
             rows = [_merged(current[item["task_id"]], item) for item in items if item]
-            before = await project_views(self.db, prices)
-            await self._update(rows)
-            after = await project_views(self.db, prices)
-            events = [
-                Event("task.updated", owners[row["uuid"]], row["uuid"], row["changed"])
-                for row in rows
-                if row["changed"]
-            ]
-            tasks = await self.get_many(ids)
-            await record(self.db, events + project_changes(before, after))
+            async with recording(self.db, prices) as events:
+                await self._update(rows)
+                events += [
+                    Event("task.updated", owners[row["uuid"]], row["uuid"], row["changed"])
+                    for row in rows
+                    if row["changed"]
+                ]
+                tasks = await self.get_many(ids)
         self.forget_totals()
         return tasks
 

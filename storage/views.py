@@ -78,13 +78,10 @@ TASK_JSON = (
 )
 
 PROJECT_SELECT = ", ".join(expr for _, expr in PROJECT_COLUMNS)
-TASK_SELECT = ", ".join(expr for _, expr in TASK_COLUMNS) + ", " + PROJECT_SELECT
 PROJECT_FROM = "project p" + PROJECT_AGGREGATES
 TASK_FROM = "task t JOIN project p ON p.uuid = t.project_id" + PROJECT_AGGREGATES
 
 _PROJECT_KEYS = tuple(name for name, _ in PROJECT_COLUMNS)
-_TASK_KEYS = tuple(name for name, _ in TASK_COLUMNS)
-_TASK_WIDTH = len(_TASK_KEYS)
 
 # Makes the public link of a stored archive key (presigned, or under a public base URL).
 LinkMaker = Callable[[str], str]
