@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import socket
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 import tornado.httpclient
 import tornado.httpserver
+from aiobotocore.session import get_session
 
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
@@ -154,6 +156,23 @@ async def make_server(settings: Settings) -> AsyncIterator[ServerFactory]:
             return await stack.enter_async_context(running_server(changed))
 
         yield start
+
+
+@pytest.fixture
+async def s3(local: LocalServices) -> AsyncIterator[Any]:
+    """An aiobotocore client for the session's moto server."""
+    async with get_session().create_client(
+        "s3", endpoint_url=local.s3_endpoint_url, region_name="us-east-1"
+    ) as client:
+        yield client
+
+
+@pytest.fixture
+async def bucket(s3: Any) -> str:
+    """A fresh bucket for one test."""
+    name = f"t-{uuid.uuid4().hex[:16]}"
+    await s3.create_bucket(Bucket=name)
+    return name
 
 
 @pytest.fixture

@@ -6,14 +6,11 @@ import asyncio
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from aiobotocore.session import get_session
 from botocore.exceptions import ClientError
 
-from server.devenv import LocalServices
 from storage.multipart import (
     MIB,
     MIN_PART,
@@ -25,23 +22,6 @@ from storage.multipart import (
 )
 
 PART = 5 * MIB  # S3's smallest part keeps these tests light; production parts are >= 8 MiB
-
-
-@pytest.fixture
-async def s3(local: LocalServices) -> AsyncIterator[Any]:
-    """An aiobotocore client for the moto server."""
-    async with get_session().create_client(
-        "s3", endpoint_url=local.s3_endpoint_url, region_name="us-east-1"
-    ) as client:
-        yield client
-
-
-@pytest.fixture
-async def bucket(s3: Any) -> str:
-    """A fresh bucket for one test."""
-    name = f"mp-{uuid.uuid4().hex[:16]}"
-    await s3.create_bucket(Bucket=name)
-    return name
 
 
 async def uploads_in(s3: Any, bucket: str) -> list[dict[str, Any]]:

@@ -6,35 +6,15 @@ import asyncio
 import dataclasses
 import os
 import struct
-import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import pytest
-from aiobotocore.session import get_session
 
-from server.devenv import LocalServices
 from storage.multipart import MIB, MultipartUpload
 from tasks import verify
 from tasks.verify import ArchiveMismatch, verify_archive
 from tasks.zipper import ArchiveStream, EntryRecord
-
-
-@pytest.fixture
-async def s3(local: LocalServices) -> AsyncIterator[Any]:
-    """An aiobotocore client for the moto server."""
-    async with get_session().create_client(
-        "s3", endpoint_url=local.s3_endpoint_url, region_name="us-east-1"
-    ) as client:
-        yield client
-
-
-@pytest.fixture
-async def bucket(s3: Any) -> str:
-    """A fresh bucket for one test."""
-    name = f"vf-{uuid.uuid4().hex[:16]}"
-    await s3.create_bucket(Bucket=name)
-    return name
 
 
 async def chunks_of(data: bytes, size: int = 64 * 1024) -> AsyncIterator[bytes]:
