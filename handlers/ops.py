@@ -68,10 +68,13 @@ class MetricsHandler(BaseHandler):
 
     openapi = _op("Prometheus metrics", "200", "Text exposition format", "text/plain")
 
-    def get(self) -> None:
-        """The process's metrics."""
+    async def get(self) -> None:
+        """The instance's metrics: this process's, and its archive worker's."""
+        text = generate_latest(self.services.metrics.registry)
+        if self.services.worker is not None:
+            text += await self.services.worker.metrics_text()
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
-        self.finish(generate_latest(self.services.metrics.registry))
+        self.finish(text)
 
 
 class OpenApiHandler(BaseHandler):

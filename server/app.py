@@ -42,6 +42,7 @@ class Services:
     feed: EventFeed
     stores: dict[str, Any] = field(default_factory=dict)
     runner: Any = None
+    worker: Any = None  # the archive worker process, when there is one
     hub: Any = None
     sockets: set[Any] = field(default_factory=set)
 

@@ -71,6 +71,10 @@ class Settings:
     log_format: str = "json"
     # Not in the contract's table: how long list pages are remembered (0 turns it off).
     page_cache_ttl: float = 2.0
+    # Not in the contract's table either: where archives are formed ("process": a child
+    # process of the instance, at a lower CPU priority; "inline": the API's own event loop).
+    archive_worker: str = "process"
+    archive_worker_nice: int = 10
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -79,6 +83,9 @@ class Settings:
         log_format = env.get("LOG_FORMAT", "json").strip().lower() or "json"
         if log_format not in ("json", "text"):
             raise ConfigError("LOG_FORMAT must be 'json' or 'text'")
+        archive_worker = env.get("ARCHIVE_WORKER", "").strip().lower() or cls.archive_worker
+        if archive_worker not in ("process", "inline"):
+            raise ConfigError("ARCHIVE_WORKER must be 'process' or 'inline'")
         return cls(
             host=env.get("HOST", "").strip() or cls.host,
             port=_int(env, "PORT", cls.port),
@@ -99,4 +106,6 @@ class Settings:
             log_level=(env.get("LOG_LEVEL", "").strip() or cls.log_level).upper(),
             log_format=log_format,
             page_cache_ttl=_float(env, "PAGE_CACHE_TTL", cls.page_cache_ttl),
+            archive_worker=archive_worker,
+            archive_worker_nice=_int(env, "ARCHIVE_WORKER_NICE", cls.archive_worker_nice),
         )

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -14,9 +15,11 @@ from typing import Any
 import tornado.httpserver
 
 from handlers.base import DISCARD_LIMIT
-from server import logs
+from server import logs, worker
 from server.app import Services, build_services, make_app
 from server.config import ConfigError, Settings
+from server.metrics import ARCHIVE_METRICS, WORKER_METRICS
+from server.worker import WorkerProcess
 from storage.db import Database
 from storage.feed import StoredEvent
 from storage.migrate import migrate
@@ -47,19 +50,44 @@ def fetch_policy(settings: Settings) -> FetchPolicy:
 
 
 @contextlib.asynccontextmanager
-async def running(settings: Settings) -> AsyncIterator[Services]:
-    """Everything but the HTTP listener: pools, S3, event feed and archive runner.
-
-    Each piece registers its own shutdown where it is created, so leaving the block stops them
-    in reverse: the runner drains first, then the feed, then S3 and the database pool.
-    """
+async def storage(
+    settings: Settings, *, pool_max: int = 20
+) -> AsyncIterator[tuple[Database, ObjectStore]]:
+    """The database pool and the object store (its bucket made sure of in the background)."""
     async with contextlib.AsyncExitStack() as stack:
-        db = Database(settings.database_url)
+        db = Database(settings.database_url, min_size=min(2, pool_max), max_size=pool_max)
         await db.start()
         stack.push_async_callback(db.stop)
         objects = object_store(settings)
         await stack.enter_async_context(objects.running())
         stack.push_async_callback(_ensure_bucket_later(objects, settings))
+        yield db, objects
+
+
+def archive_runner(settings: Settings, db: Database, objects: ObjectStore, metrics: Any) -> Runner:
+    """The archive runner `settings` describe."""
+    return Runner(
+        db=db,
+        objects=objects,
+        policy=fetch_policy(settings),
+        config=RunnerConfig(
+            concurrency=settings.job_concurrency,
+            max_archive_bytes=settings.max_archive_bytes,
+            part_size=part_size_for(settings.max_archive_bytes),
+        ),
+        metrics=metrics,
+    )
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings, *, archives: bool = True) -> AsyncIterator[Services]:
+    """Everything but the HTTP listener: pools, S3, event feed and (with `archives`) the runner.
+
+    Each piece registers its own shutdown where it is created, so leaving the block stops them
+    in reverse: the runner drains first, then the feed, then S3 and the database pool.
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        db, objects = await stack.enter_async_context(storage(settings))
         services = build_services(settings, db, objects)
         # Read at every scrape, so the gauge can never lag behind the pool's own view.
         services.metrics.db_up.set_function(lambda: float(db.available))
@@ -68,21 +96,20 @@ async def running(settings: Settings) -> AsyncIterator[Services]:
         services.feed.subscribers.add(services.hub.deliver)
         services.feed.start()
         stack.push_async_callback(services.feed.stop)
-        runner = Runner(
-            db=db,
-            objects=objects,
-            policy=fetch_policy(settings),
-            config=RunnerConfig(
-                concurrency=settings.job_concurrency,
-                max_archive_bytes=settings.max_archive_bytes,
-                part_size=part_size_for(settings.max_archive_bytes),
-            ),
-            metrics=services.metrics,
-        )
-        services.runner = runner
-        services.feed.subscribers.add(lambda event: runner.wake() if wants_run(event) else None)
-        runner.start()
-        stack.push_async_callback(runner.stop, settings.drain_timeout)
+        if archives:
+            services.metrics.drop(*WORKER_METRICS)
+            runner = archive_runner(settings, db, objects, services.metrics)
+            services.runner = runner
+            services.feed.subscribers.add(lambda event: runner.wake() if wants_run(event) else None)
+            runner.start()
+            stack.push_async_callback(runner.stop, settings.drain_timeout)
+        else:
+            # The archives are formed in a worker process, which exports these itself.
+            services.metrics.drop(*ARCHIVE_METRICS)
+            services.worker = WorkerProcess(settings, services.metrics)
+            services.runner = services.worker
+            services.worker.start()
+            stack.push_async_callback(services.worker.stop, settings.drain_timeout)
         yield services
 
 
@@ -127,7 +154,8 @@ async def serve(settings: Settings) -> None:
 
 
 async def _serve_until(settings: Settings, stopping: asyncio.Event) -> None:
-    async with running(settings) as services:
+    in_process = settings.archive_worker == "inline" or settings.job_concurrency == 0
+    async with running(settings, archives=in_process) as services:
         server = tornado.httpserver.HTTPServer(make_app(services), max_body_size=DISCARD_LIMIT)
         server.listen(settings.port, settings.host)
         log.info("serving on http://%s:%d", settings.host, settings.port)
@@ -142,12 +170,16 @@ async def _serve_until(settings: Settings, stopping: asyncio.Event) -> None:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """`satchel serve` or `satchel migrate`."""
+    """`satchel serve`, `satchel work` (archives only) or `satchel migrate`."""
     parser = argparse.ArgumentParser(prog="satchel")
-    parser.add_argument("command", choices=("serve", "migrate"))
+    parser.add_argument("command", choices=("serve", "work", "migrate"))
     args = parser.parse_args(argv)
     try:
-        settings = Settings.from_env()
+        if args.command == "work" and worker.SETTINGS_ENV in os.environ:
+            settings = worker.decode_settings(os.environ[worker.SETTINGS_ENV])
+            worker.become_child(settings)
+        else:
+            settings = Settings.from_env()
     except ConfigError as exc:
         print(f"satchel: {exc}", file=sys.stderr)
         return 2
@@ -156,7 +188,10 @@ def cli(argv: list[str] | None = None) -> int:
         applied = migrate(settings.database_url)
         log.info("migrations applied: %s", applied or "none needed")
         return 0
-    asyncio.run(serve(settings))
+    if args.command == "work":
+        asyncio.run(worker.work(settings))
+    else:
+        asyncio.run(serve(settings))
     return 0
 
 

@@ -4,6 +4,18 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+# What an archive worker process exports; the API process exports the rest.
+ARCHIVE_METRICS = (
+    "archives",
+    "archive_failures",
+    "archive_seconds",
+    "bytes_downloaded",
+    "bytes_uploaded",
+    "runs_in_flight",
+    "tasks_waiting",
+)
+WORKER_METRICS = ("worker_up", "worker_restarts")
+
 
 class Metrics:
     """Every metric Satchel exports."""
@@ -80,6 +92,27 @@ class Metrics:
             "Tasks waiting for an archive run (all instances).",
             registry=self.registry,
         )
+
+        self.worker_up = Gauge(
+            "satchel_archive_worker_up",
+            "1 while this instance's archive worker process answers.",
+            registry=self.registry,
+        )
+        self.worker_restarts = Counter(
+            "satchel_archive_worker_restarts",
+            "Times the archive worker process ended unasked and was started again.",
+            registry=self.registry,
+        )
+
+    def drop(self, *names: str) -> None:
+        """Stop exporting the named metrics (another process of the instance exports them)."""
+        for name in names:
+            self.registry.unregister(getattr(self, name))
+
+    def keep(self, *names: str) -> None:
+        """Export only the named metrics."""
+        kinds = (Counter, Gauge, Histogram)
+        self.drop(*(n for n, v in vars(self).items() if isinstance(v, kinds) and n not in names))
 
     def observe_request(self, *, route: str, method: str, status: int, seconds: float) -> None:
         """Count one answered request and its duration."""

@@ -100,9 +100,12 @@ class Server:
 
 
 @contextlib.asynccontextmanager
-async def running_server(settings: Settings) -> AsyncIterator[Server]:
-    """An app with its own pool and S3 client on a free port."""
-    async with running(settings) as services:
+async def running_server(settings: Settings, *, archives: bool = True) -> AsyncIterator[Server]:
+    """An app with its own pool and S3 client on a free port.
+
+    With `archives=False` the archives are formed by a worker process, as `satchel serve` does.
+    """
+    async with running(settings, archives=archives) as services:
         server = tornado.httpserver.HTTPServer(make_app(services))
         port = _free_port()
         server.listen(port, "127.0.0.1")
@@ -151,9 +154,9 @@ async def make_server(settings: Settings) -> AsyncIterator[ServerFactory]:
     """Start extra apps with settings overridden, stopped at the end of the test."""
     async with contextlib.AsyncExitStack() as stack:
 
-        async def start(**overrides: Any) -> Server:
+        async def start(*, archives: bool = True, **overrides: Any) -> Server:
             changed = dataclasses.replace(settings, **overrides)
-            return await stack.enter_async_context(running_server(changed))
+            return await stack.enter_async_context(running_server(changed, archives=archives))
 
         yield start
 
