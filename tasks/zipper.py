@@ -26,6 +26,11 @@ from typing import Any
 
 from zipstream import ZIP_DEFLATED, ZIP_STORED, ZipStream
 
+from tasks import deflate
+
+# DEFLATE entries are compressed in blocks on every core (see tasks/deflate.py).
+deflate.install()
+
 # Level 1: compressible content is mostly text, where level 1 already saves most of what level 6
 # would, at about three times the speed; the archive must keep pace with the network.
 DEFLATE_LEVEL = 1
