@@ -60,6 +60,9 @@ class ArchiveRun:
         self.parts_in_flight = parts_in_flight
         self.metrics = metrics
         self.received = 0
+        # Create -> complete of the multipart upload, and the read-back check: for the log.
+        self.upload_seconds = 0.0
+        self.verify_seconds = 0.0
 
     async def execute(self, task_id: uuid_module.UUID) -> None:
         """Run the task's archive to `finished` or `failed`, unless fenced or cancelled."""
@@ -84,6 +87,7 @@ class ArchiveRun:
             await self._form(run, upload)
             await self.jobs.check(run)
             await upload.complete()
+            self.upload_seconds = time.monotonic() - self._upload_started
         except Fenced:
             await self._abort(upload)
             return
@@ -107,6 +111,7 @@ class ArchiveRun:
     async def _store(self, run: RunStart, key: str, started: float) -> None:
         """Verify the uploaded object, then mark the task finished (or clean up if fenced)."""
         try:
+            checked = time.monotonic()
             await verify_archive(
                 self.objects.client,
                 self.objects.bucket,
@@ -114,6 +119,7 @@ class ArchiveRun:
                 expected=self._archive.entries,
                 size=self._archive.bytes_out,
             )
+            self.verify_seconds = time.monotonic() - checked
             await self.jobs.finish(run, key)
             await self.jobs.check(run)
         except Fenced:
@@ -133,11 +139,14 @@ class ArchiveRun:
             extra={
                 "task_id": str(run.task_id),
                 "seconds": round(time.monotonic() - started, 3),
+                "upload_seconds": round(self.upload_seconds, 3),
+                "verify_seconds": round(self.verify_seconds, 3),
                 "bytes": self._archive.bytes_out,
             },
         )
 
     async def _form(self, run: RunStart, upload: MultipartUpload) -> None:
+        self._upload_started = time.monotonic()
         upload_id = await upload.start()
         await self.jobs.set_upload(run, upload_id)
         self._archive = archive = ArchiveStream()
