@@ -204,7 +204,7 @@ def become_child(settings: Settings) -> None:
 async def work(settings: Settings) -> None:
     """Form archives until SIGTERM (or, as a child, until the parent goes away)."""
     # Imported here: the API's process never needs the archive machinery's modules.
-    from server.main import archive_runner, storage, wants_run
+    from server.main import archive_runner, settle_heap, storage, wants_run
     from storage.feed import EventFeed
 
     loop = asyncio.get_running_loop()
@@ -232,6 +232,7 @@ async def work(settings: Settings) -> None:
         if control_fd is not None:
             answering = asyncio.ensure_future(_answer(int(control_fd), metrics, stopping))
             stack.callback(answering.cancel)
+        settle_heap()
         log.info("archive worker running", extra={"concurrency": settings.job_concurrency})
         await stopping.wait()
         log.info("archive worker stopping")
