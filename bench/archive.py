@@ -17,7 +17,8 @@
    and about 10 s per GiB to complete it, past Satchel's 60 s S3 read timeout.
 3. Responsiveness while JOB_CONCURRENCY=4 archives run: GET /health every 20 ms (its latency is
    the event-loop lag seen from outside; goal p99 < 20 ms) and GET /tasks?limit=50 at 20 req/s
-   (goal: p99 <= 2x its idle p99), both from fixed-rate clients, first idle, then loaded. 3b
+   (goal: p99 <= 2x its idle p99), both from fixed-rate clients, first idle, then loaded; a
+   bare Tornado hello-world (`bench.hello`) is probed alongside, as the machine's own floor. 3b
    repeats it with ARCHIVE_WORKER=inline, the archives on the API's own event loop
    (information, not a goal).
 
@@ -35,6 +36,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import gc
 import json
 import os
 import shutil
@@ -366,6 +368,7 @@ class Context:
     objects: ObjectStore
     sink: ObjectStore
     sink_pid: int
+    control_port: int = 0  # bench.hello: a bare Tornado server probed alongside, for reference
     project_id: str = ""
     part_size: int = 0
 
@@ -913,13 +916,23 @@ PROBE_HEADER = (
 )
 
 
-async def probes(port: int, seconds: float) -> tuple[Probe, Probe]:
-    """The two fixed-rate clients side by side."""
-    health, tasks = await asyncio.gather(
-        fixed_rate(port, HEALTH_PATH, 0.02, seconds),
-        fixed_rate(port, TASKS_PATH, 0.05, seconds),
-    )
-    return health, tasks
+async def probes(port: int, seconds: float, control: int) -> tuple[Probe, Probe, Probe]:
+    """The two fixed-rate clients side by side, and one for the control server (`control`).
+
+    This process's own garbage collector stays off meanwhile: a full collection of its heap
+    (botocore's models, for the baseline) takes tens of ms, and would show up as server latency.
+    """
+    gc.collect()
+    gc.disable()
+    try:
+        health, tasks, hello = await asyncio.gather(
+            fixed_rate(port, HEALTH_PATH, 0.02, seconds),
+            fixed_rate(port, TASKS_PATH, 0.05, seconds),
+            fixed_rate(control, "/", 0.02, seconds),
+        )
+    finally:
+        gc.enable()
+    return health, tasks, hello
 
 
 async def responsiveness(ctx: Context, conn: psycopg.AsyncConnection[Any]) -> dict[str, Any]:
@@ -970,9 +983,9 @@ async def _idle_and_loaded(
         await warm.json("GET", TASKS_PATH)
     warm.close()
     before = meter.snapshot()
-    health, tasks = await probes(probed.port, args.load_seconds)
+    found_probes = await probes(probed.port, args.load_seconds, ctx.control_port)
     cpu = meter.use(before, meter.snapshot())
-    found["idle"] = _probe_rows(f"{label}idle", health, tasks, cpu, None)
+    found["idle"] = _probe_rows(f"{label}idle", found_probes, cpu, None)
 
     http = Http(probed.port)
     await ensure_project(ctx, http)
@@ -983,11 +996,11 @@ async def _idle_and_loaded(
     await asyncio.sleep(args.load_warmup)
     before = meter.snapshot()
     first_done = asyncio.create_task(_first_finished(ctx.database_url, task_ids))
-    health, tasks = await probes(probed.port, args.load_seconds)
+    found_probes = await probes(probed.port, args.load_seconds, ctx.control_port)
     cpu = meter.use(before, meter.snapshot())
     end = first_done.result() if first_done.done() else float("inf")
     first_done.cancel()
-    found["loaded"] = _probe_rows(f"{label}loaded", health, tasks, cpu, end)
+    found["loaded"] = _probe_rows(f"{label}loaded", found_probes, cpu, end)
     if end != float("inf"):
         print(
             f"   note: an archive finished {end - before['wall']:.1f} s into the window;"
@@ -1035,20 +1048,22 @@ async def _first_finished(url: str, task_ids: Sequence[str]) -> float:
             await asyncio.sleep(POLL)
 
 
-def _probe_rows(
-    phase: str, health: Probe, tasks: Probe, cpu: Cpu, end: float | None
-) -> dict[str, Any]:
+def _probe_rows(phase: str, probed: Sequence[Probe], cpu: Cpu, end: float | None) -> dict[str, Any]:
     found: dict[str, Any] = {"cpu": asdict(cpu)}
-    for name, probe in (("health", health), ("tasks", tasks)):
+    for name, probe in zip(("health", "tasks", "control"), probed, strict=True):
         latencies = probe.within(end) if end is not None else probe.latencies
         figures = {**percentiles(latencies), "errors": probe.errors}
         found[name] = figures
         print(
-            f"{phase:<8} GET {probe.path:<16} {figures['n']:>5} {figures['p50']:>7.2f}"
+            f"{phase:<8} {_probe_label(probe.path):<20} {figures['n']:>5} {figures['p50']:>7.2f}"
             f" {figures['p99']:>7.2f} {figures['max']:>7.1f} {probe.errors:>4}   {cpu.columns()}",
             flush=True,
         )
     return found
+
+
+def _probe_label(path: str) -> str:
+    return "hello GET / (control)" if path == "/" else f"GET {path}"
 
 
 # --- profiling (--profile) ------------------------------------------------------------------
@@ -1247,6 +1262,25 @@ def verdicts(summary: Mapping[str, Any]) -> list[tuple[str, str, str, bool | Non
                 r["tasks_factor"] <= GOAL_TASKS_P99_FACTOR,
             )
         )
+        control = (r["idle"]["control"]["p99"], r["loaded"]["control"]["p99"])
+        rows.append(
+            (
+                "  control (hello GET /) p99 idle -> loaded",
+                f"{control[0]:.2f} -> {control[1]:.2f} ms",
+                "(info)",
+                None,
+            )
+        )
+        if "inline" in r:
+            inline = r["inline"]["loaded"]
+            rows.append(
+                (
+                    "  ARCHIVE_WORKER=inline: /health, /tasks p99",
+                    f"{inline['health']['p99']:.1f}, {inline['tasks']['p99']:.1f} ms",
+                    "(info)",
+                    None,
+                )
+            )
     return rows
 
 
@@ -1379,7 +1413,11 @@ async def _measure(
     args: argparse.Namespace, workdir: Path, url: str, s3: str, origin: Server, moto: int | None
 ) -> dict[str, Any]:
     sink_cmd = [sys.executable, "-m", "bench.s3sink"]
-    with running("s3sink", sink_cmd, env=os.environ, ready_path="/", workdir=workdir) as sink:
+    hello_cmd = [sys.executable, "-m", "bench.hello"]
+    with (
+        running("s3sink", sink_cmd, env=os.environ, ready_path="/", workdir=workdir) as sink,
+        running("hello", hello_cmd, env=os.environ, ready_path="/", workdir=workdir) as hello,
+    ):
         async with (
             object_store(s3) as objects,
             object_store(f"http://{LOCALHOST}:{sink.port}") as sink_objects,
@@ -1395,6 +1433,7 @@ async def _measure(
                 objects=objects,
                 sink=sink_objects,
                 sink_pid=sink.proc.pid,
+                control_port=hello.port,
                 part_size=part_size_for(MAX_ARCHIVE_BYTES),
             )
             try:
@@ -1406,7 +1445,7 @@ async def _measure(
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """The command line."""
     parser = argparse.ArgumentParser(prog="python -m bench.archive", description=__doc__)
-    parser.add_argument("--rounds", type=int, default=3, help="throughput rounds")
+    parser.add_argument("--rounds", type=int, default=5, help="throughput rounds")
     parser.add_argument("--mib", type=int, default=1024, help="throughput: MiB of files")
     parser.add_argument("--files", type=int, default=16, help="throughput: files")
     parser.add_argument(
@@ -1422,7 +1461,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="where the memory phase uploads: moto needs ~4x a 4 GiB archive in RAM",
     )
     parser.add_argument("--concurrency", type=int, default=4, help="JOB_CONCURRENCY under load")
-    parser.add_argument("--load-mib", type=int, default=512, help="MiB per concurrent archive")
+    parser.add_argument(
+        "--load-mib",
+        type=int,
+        default=1024,
+        help="MiB per concurrent archive (outlasts the window)",
+    )
     parser.add_argument("--load-files", type=int, default=8, help="files per concurrent archive")
     parser.add_argument("--load-seconds", type=float, default=15.0, help="idle and loaded windows")
     parser.add_argument("--load-warmup", type=float, default=1.0, help="seconds before probing")
