@@ -15,7 +15,7 @@ setup(
         "peewee-async>=2.1,<2.2",
         "psycopg[binary,pool]>=3.2,<4",
         "zipstream-ng>=1.8,<2",
-        "zlib-ng>=0.5,<1",
+        "isal>=1.7,<2",
         "aiobotocore>=2.15,<4",
         "marshmallow>=3.20,<5",
         "apispec>=6.6,<7",
