@@ -20,12 +20,15 @@ aborts the upload on any error or cancellation, and never completes it by itself
 from __future__ import annotations
 
 import asyncio
+import base64
+import collections
 import contextlib
 import logging
 from types import TracebackType
 from typing import Any
 
 from botocore.exceptions import ClientError
+from isal import isal_zlib
 
 log = logging.getLogger("satchel.multipart")
 
@@ -43,6 +46,10 @@ ABORT_BACKOFF = 0.5
 # Only the servers Satchel creates buckets on get this rule; an operator's rules are theirs.
 ABORT_RULE_ID = "satchel-abort-incomplete-multipart-uploads"
 ABORT_AFTER_DAYS = 1
+# Every part carries its CRC-32, which S3 checks before it stores the part, and the object gets
+# a composite CRC-32. Computed here with ISA-L (over 20 GB/s), so botocore does not compute one
+# itself with Python's zlib, five times slower, on the event loop.
+CHECKSUM = {"ChecksumAlgorithm": "CRC32"}
 
 
 class UploadError(Exception):
@@ -73,9 +80,11 @@ class MultipartUpload:
         self.part_size = part_size
         self.upload_id: str | None = None
         self.bytes_uploaded = 0
-        self._buffer = bytearray()
+        # Written bytes not yet shipped, as written: a part is joined from them once.
+        self._pieces: collections.deque[bytes | memoryview] = collections.deque()
+        self._buffered = 0
         self._next_part = 1
-        self._etags: dict[int, str] = {}
+        self._parts: dict[int, dict[str, Any]] = {}
         self._slots = asyncio.Semaphore(parts_in_flight)
         self._in_flight: set[asyncio.Task[None]] = set()
         self._failure: BaseException | None = None
@@ -113,26 +122,29 @@ class MultipartUpload:
         if self.upload_id is not None or self._aborting is not None:
             raise RuntimeError("the upload has started or been aborted already")
         reply = await self.client.create_multipart_upload(
-            Bucket=self.bucket, Key=self.key, ContentType="application/zip"
+            Bucket=self.bucket, Key=self.key, ContentType="application/zip", **CHECKSUM
         )
         self.upload_id = str(reply["UploadId"])
         return self.upload_id
 
     async def write(self, data: bytes) -> None:
-        """Buffer `data`; ship each full part, waiting while `parts_in_flight` are uploading."""
+        """Buffer `data` (kept, not copied); ship each full part, waiting while `parts_in_flight`
+        are uploading."""
         self._check_writable()
-        self._buffer += data
-        while len(self._buffer) >= self.part_size:
+        if data:
+            self._pieces.append(data)
+            self._buffered += len(data)
+        while self._buffered >= self.part_size:
             await self._ship(self.part_size)
 
     async def complete(self) -> int:
         """Ship the last part (however small), complete the object; return its size."""
         self._check_writable()
-        if self._buffer or self._next_part == 1:
-            await self._ship(len(self._buffer))
+        if self._buffered or self._next_part == 1:
+            await self._ship(self._buffered)
         await asyncio.gather(*self._in_flight)
         self._check_writable()
-        parts = [{"PartNumber": n, "ETag": etag} for n, etag in sorted(self._etags.items())]
+        parts = [self._parts[number] for number in sorted(self._parts)]
         await self.client.complete_multipart_upload(
             Bucket=self.bucket,
             Key=self.key,
@@ -154,7 +166,8 @@ class MultipartUpload:
         for task in self._in_flight:
             task.cancel()
         await asyncio.gather(*self._in_flight, return_exceptions=True)
-        self._buffer = bytearray()
+        self._pieces.clear()
+        self._buffered = 0
         if self.upload_id is not None and not self._completed:
             await abort_upload(self.client, self.bucket, self.key, self.upload_id)
 
@@ -173,30 +186,56 @@ class MultipartUpload:
             self._slots.release()
             self._check_writable()
             raise UploadError(f"{self.key} needs more than {MAX_PARTS} parts of {self.part_size}")
-        with memoryview(self._buffer) as view:
-            body = bytes(view[:size])
-        del self._buffer[:size]
+        body = self._take(size)
         number, self._next_part = self._next_part, self._next_part + 1
         task = asyncio.create_task(self._upload_part(number, body))
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
 
+    def _take(self, size: int) -> bytes:
+        """The first `size` buffered bytes as one object (the only copy a part costs)."""
+        taken: list[bytes | memoryview] = []
+        room = size
+        while room:
+            piece = self._pieces[0]
+            if len(piece) <= room:
+                taken.append(self._pieces.popleft())
+                room -= len(piece)
+            else:
+                view = memoryview(piece)
+                taken.append(view[:room])
+                self._pieces[0] = view[room:]
+                room = 0
+        self._buffered -= size
+        return taken[0] if len(taken) == 1 and type(taken[0]) is bytes else b"".join(taken)
+
     async def _upload_part(self, number: int, body: bytes) -> None:
         try:
+            crc32 = part_checksum(body)
             reply = await self.client.upload_part(
                 Bucket=self.bucket,
                 Key=self.key,
                 UploadId=self.upload_id,
                 PartNumber=number,
                 Body=body,
+                ChecksumCRC32=crc32,
             )
-            self._etags[number] = str(reply["ETag"])
+            self._parts[number] = {
+                "PartNumber": number,
+                "ETag": str(reply["ETag"]),
+                "ChecksumCRC32": crc32,
+            }
             self.bytes_uploaded += len(body)
         except Exception as exc:
             # Kept for the writer's next call: nobody awaits this task until complete().
             self._failure = self._failure or exc
         finally:
             self._slots.release()
+
+
+def part_checksum(body: bytes) -> str:
+    """A part's CRC-32 as S3 takes it: four big-endian bytes in base64."""
+    return base64.b64encode(isal_zlib.crc32(body).to_bytes(4, "big")).decode()
 
 
 def _log_abort_failure(task: asyncio.Task[None]) -> None:

@@ -52,6 +52,10 @@ class ObjectStore:
             read_timeout=60,
             retries={"max_attempts": 3, "mode": "standard"},
             max_pool_connections=50,
+            # Over https botocore already sends part bodies unsigned, as they carry a CRC-32
+            # (storage/multipart.py) and TLS guards them; over http it would SHA-256 every part
+            # on the event loop, a quarter of the uploader's CPU. The checksum header is signed.
+            s3={"payload_signing_enabled": False},
         )
         async with get_session().create_client("s3", config=config, **self._options) as client:
             self.client = client

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import os
 import uuid
+import zlib
 from typing import Any
 
 import pytest
@@ -20,6 +22,7 @@ from storage.multipart import (
     ensure_bucket,
     part_size_for,
 )
+from storage.s3 import ObjectStore
 
 PART = 5 * MIB  # S3's smallest part keeps these tests light; production parts are >= 8 MiB
 
@@ -136,6 +139,50 @@ async def test_exactly_n_parts(s3: Any, bucket: str) -> None:
     assert etag.endswith("-3")  # no empty fourth part
 
 
+def crc32(data: bytes) -> bytes:
+    return zlib.crc32(data).to_bytes(4, "big")
+
+
+def encode(crc: int) -> str:
+    return base64.b64encode(crc.to_bytes(4, "big")).decode()
+
+
+async def test_parts_carry_their_crc32_and_go_unsigned(local: Any, s3: Any, bucket: str) -> None:
+    """On the wire: each part's own CRC-32, no SHA-256 of the body, a composite object CRC."""
+    objects = ObjectStore(
+        bucket=bucket,
+        region="us-east-1",
+        endpoint_url=local.s3_endpoint_url,
+        link_ttl=60,
+        public_base_url=None,
+    )
+    sent: list[tuple[bytes, dict[str, str]]] = []
+
+    def record(request: Any, **_: Any) -> None:
+        headers = {k: v.decode() if isinstance(v, bytes) else v for k, v in request.headers.items()}
+        sent.append((request.body.getvalue(), headers))
+
+    data = os.urandom(2 * PART + 999)
+    async with objects.running():
+        objects.client.meta.events.register("before-send.s3.UploadPart", record)
+        upload = MultipartUpload(objects.client, bucket, "crc.zip", part_size=PART)
+        await upload.start()
+        await write_in_chunks(upload, data)
+        await upload.complete()
+        head = await objects.client.head_object(
+            Bucket=bucket, Key="crc.zip", ChecksumMode="ENABLED"
+        )
+
+    assert [len(body) for body, _ in sent] == [PART, PART, 999]
+    for body, headers in sent:
+        assert headers["x-amz-checksum-crc32"] == encode(zlib.crc32(body))
+        assert headers["X-Amz-Content-SHA256"] == "UNSIGNED-PAYLOAD"
+    # The object's checksum is composite: the CRC-32 of the parts' CRC-32s (S3 adds "-3").
+    composite = zlib.crc32(b"".join(crc32(body) for body, _ in sent))
+    assert head["ChecksumCRC32"].split("-")[0] == encode(composite)
+    assert (await stored(s3, bucket, "crc.zip"))[0] == data
+
+
 async def test_many_parts_upload_concurrently_within_bounds(s3: Any, bucket: str) -> None:
     data = os.urandom(7 * PART + 12345)
     client = Flaky(s3, delay=0.2)
@@ -144,7 +191,7 @@ async def test_many_parts_upload_concurrently_within_bounds(s3: Any, bucket: str
     most_held = 0
     for at in range(0, len(data), 1 << 20):
         await upload.write(data[at : at + (1 << 20)])
-        most_held = max(most_held, len(upload._buffer) + client.bytes_uploading)
+        most_held = max(most_held, upload._buffered + client.bytes_uploading)
     assert await upload.complete() == len(data)
 
     body, etag = await stored(s3, bucket, "many.zip")
