@@ -30,6 +30,8 @@ from typing import Any
 from botocore.exceptions import ClientError
 from isal import isal_zlib
 
+from storage.partbody import PartBody
+
 log = logging.getLogger("satchel.multipart")
 
 MIB = 1024 * 1024
@@ -80,9 +82,11 @@ class MultipartUpload:
         self.part_size = part_size
         self.upload_id: str | None = None
         self.bytes_uploaded = 0
-        # Written bytes not yet shipped, as written: a part is joined from them once.
+        # Written bytes not yet shipped, as written: a part is copied from them once, into a
+        # part buffer; at most `parts_in_flight` buffers exist, each reused for later parts.
         self._pieces: collections.deque[bytes | memoryview] = collections.deque()
         self._buffered = 0
+        self._free_buffers: list[bytearray] = []
         self._next_part = 1
         self._parts: dict[int, dict[str, Any]] = {}
         self._slots = asyncio.Semaphore(parts_in_flight)
@@ -168,6 +172,7 @@ class MultipartUpload:
         await asyncio.gather(*self._in_flight, return_exceptions=True)
         self._pieces.clear()
         self._buffered = 0
+        self._free_buffers.clear()
         if self.upload_id is not None and not self._completed:
             await abort_upload(self.client, self.bucket, self.key, self.upload_id)
 
@@ -180,7 +185,7 @@ class MultipartUpload:
             raise RuntimeError("the upload is complete")
 
     async def _ship(self, size: int) -> None:
-        """Upload the buffer's first `size` bytes as the next part, once a slot is free."""
+        """Upload the first `size` written bytes as the next part, once a slot is free."""
         await self._slots.acquire()
         if self._failure is not None or self._next_part > MAX_PARTS:
             self._slots.release()
@@ -192,26 +197,31 @@ class MultipartUpload:
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
 
-    def _take(self, size: int) -> bytes:
-        """The first `size` buffered bytes as one object (the only copy a part costs)."""
-        taken: list[bytes | memoryview] = []
-        room = size
-        while room:
-            piece = self._pieces[0]
-            if len(piece) <= room:
-                taken.append(self._pieces.popleft())
-                room -= len(piece)
-            else:
-                view = memoryview(piece)
-                taken.append(view[:room])
-                self._pieces[0] = view[room:]
-                room = 0
+    def _take(self, size: int) -> PartBody:
+        """The first `size` buffered bytes, copied into a part buffer (a part's only copy)."""
+        if self._free_buffers:
+            buffer = self._free_buffers.pop()
+        else:  # a last part smaller than a whole one (or an archive that is) gets its own size
+            buffer = bytearray(self.part_size if size == self.part_size else size)
+        with memoryview(buffer) as target:
+            filled = 0
+            while filled < size:
+                piece = self._pieces[0]
+                room = size - filled
+                if len(piece) <= room:
+                    target[filled : filled + len(piece)] = self._pieces.popleft()
+                    filled += len(piece)
+                else:
+                    view = memoryview(piece)
+                    target[filled:size] = view[:room]
+                    self._pieces[0] = view[room:]
+                    filled = size
         self._buffered -= size
-        return taken[0] if len(taken) == 1 and type(taken[0]) is bytes else b"".join(taken)
+        return PartBody(buffer, size)
 
-    async def _upload_part(self, number: int, body: bytes) -> None:
+    async def _upload_part(self, number: int, body: PartBody) -> None:
         try:
-            crc32 = part_checksum(body)
+            crc32 = part_checksum(body.view)
             reply = await self.client.upload_part(
                 Bucket=self.bucket,
                 Key=self.key,
@@ -230,10 +240,12 @@ class MultipartUpload:
             # Kept for the writer's next call: nobody awaits this task until complete().
             self._failure = self._failure or exc
         finally:
+            if len(body.buffer) == self.part_size and self._aborting is None:
+                self._free_buffers.append(body.buffer)
             self._slots.release()
 
 
-def part_checksum(body: bytes) -> str:
+def part_checksum(body: bytes | memoryview) -> str:
     """A part's CRC-32 as S3 takes it: four big-endian bytes in base64."""
     return base64.b64encode(isal_zlib.crc32(body).to_bytes(4, "big")).decode()
 
