@@ -131,7 +131,7 @@ class MultipartUpload:
         self.upload_id = str(reply["UploadId"])
         return self.upload_id
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes | memoryview) -> None:
         """Buffer `data` (kept, not copied); ship each full part, waiting while `parts_in_flight`
         are uploading."""
         self._check_writable()

@@ -19,7 +19,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from storage.jobs import Fenced, JobStore, RunStart
 from storage.multipart import MultipartUpload, UploadError, abort_upload
 from storage.s3 import ObjectStore
-from tasks.fetcher import Download, Fetcher, FetchError
+from tasks.fetcher import Chunk, Download, Fetcher, FetchError
 from tasks.progress import Progress
 from tasks.verify import ArchiveMismatch, verify_archive
 from tasks.zipper import ArchiveError, ArchiveStream, entry_name, should_compress
@@ -182,7 +182,7 @@ class ArchiveRun:
 
     async def _counted(
         self, download: Download, progress: Progress, index: int
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncIterator[Chunk]:
         async for chunk in download:
             self.received += len(chunk)
             if self.received > self.max_archive_bytes:

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from tornado.http1connection import HTTP1Connection
+from tornado import httputil
+from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
 from tornado.httpclient import HTTPRequest, HTTPResponse, _RequestProxy
 from tornado.httputil import HTTPHeaders, HTTPInputError, RequestStartLine, ResponseStartLine
 from tornado.iostream import IOStream, StreamClosedError
@@ -37,6 +38,8 @@ PIPE_BYTES = 1 << 20
 # Tornado's own body limit is effectively off: bytes are counted against the policy here, where
 # a lying Content-Length cannot fool the count and the error names the limit.
 _TORNADO_MAX_BODY = 1 << 62
+# A piece of a body: the bytes as received, a read-only view of a buffer no one writes to again.
+Chunk = bytes | memoryview
 # Body bytes per socket read and per chunk handed on (Tornado's default is 64 KiB).
 READ_CHUNK = 512 * 1024
 # Caps what one connection's IOStream may buffer; it only ever reads READ_CHUNK past a pending
@@ -122,13 +125,13 @@ class _Pipe:
     def __init__(self, limit: int) -> None:
         self.buffered = 0
         self._limit = limit
-        self._chunks: deque[bytes] = deque()
+        self._chunks: deque[Chunk] = deque()
         self._ended = False
         self._error: BaseException | None = None
         self._readable: asyncio.Future[None] | None = None
         self._writable: asyncio.Future[None] | None = None
 
-    def put(self, chunk: bytes) -> asyncio.Future[None] | None:
+    def put(self, chunk: Chunk) -> asyncio.Future[None] | None:
         """Queue a chunk; if the pipe is now full, a future to await before the next."""
         self._chunks.append(chunk)
         self.buffered += len(chunk)
@@ -145,7 +148,7 @@ class _Pipe:
         _wake(self._readable)
         _wake(self._writable)
 
-    async def get(self) -> bytes | None:
+    async def get(self) -> Chunk | None:
         """The next chunk, None at a clean end; raises the error of an unclean one."""
         while not self._chunks:
             if self._error is not None:
@@ -216,7 +219,7 @@ class _Exchange:
         self.head = _Head(self.url, code, reason, headers)
         self._answered.set()
 
-    def feed(self, chunk: bytes) -> asyncio.Future[None] | None:
+    def feed(self, chunk: Chunk) -> asyncio.Future[None] | None:
         """Hand a body chunk on; a returned future holds Tornado's reads until there is room."""
         if self._closed:
             return None
@@ -272,6 +275,28 @@ class _Request(HTTPRequest):
         self.exchange = exchange
 
 
+class _BodyReader(HTTP1Connection):
+    """Tornado's HTTP/1 connection, reading a sized body straight into a buffer per chunk.
+
+    Tornado's own reads allocate a zeroed buffer, append what the socket gave to the stream's
+    buffer, and copy it out again: three copies per byte before the zipper sees it. Reading into
+    a fresh buffer leaves only the socket's own. No one writes to a chunk's buffer once it is
+    handed on, so it travels as a read-only view.
+    """
+
+    async def _read_fixed_body(
+        self, content_length: int, delegate: httputil.HTTPMessageDelegate
+    ) -> None:
+        while content_length > 0:
+            buffer = bytearray(min(self.params.chunk_size, content_length))
+            received = await self.stream.read_into(buffer, partial=True)
+            if received < len(buffer):
+                del buffer[received:]
+            content_length -= received
+            await self._deliver_body(delegate, memoryview(buffer).toreadonly())  # type: ignore[arg-type]
+            await asyncio.sleep(0)  # as Tornado does: other connections get their turn
+
+
 class _Connection(_HTTPConnection):
     """Tornado's client connection, reporting to an `_Exchange` and honouring backpressure."""
 
@@ -288,9 +313,17 @@ class _Connection(_HTTPConnection):
         # Bodies come in reads of up to READ_CHUNK rather than Tornado's 64 KiB: a sixteenth
         # of the callbacks, hand-offs and wake-ups per byte on the way to the zipper.
         stream.read_chunk_size = min(READ_CHUNK, stream.max_buffer_size // 2)
-        connection = super()._create_connection(stream)
-        connection.params.chunk_size = READ_CHUNK
-        return connection
+        stream.set_nodelay(True)
+        # What Tornado's _create_connection builds, with our body reader; bodies are never
+        # decompressed (the request says so, and a hostile gzip must not unpack here).
+        params = HTTP1ConnectionParameters(
+            no_keep_alive=True,
+            max_header_size=self.max_header_size,
+            max_body_size=self.max_body_size,
+            decompress=False,
+            chunk_size=READ_CHUNK,
+        )
+        return _BodyReader(stream, True, params, self._sockaddr)
 
     async def headers_received(
         self, first_line: ResponseStartLine | RequestStartLine, headers: HTTPHeaders
@@ -300,7 +333,7 @@ class _Connection(_HTTPConnection):
         assert isinstance(first_line, ResponseStartLine)
         self.exchange.answered(first_line.code, first_line.reason, headers)
 
-    def data_received(self, chunk: bytes) -> Awaitable[None] | None:
+    def data_received(self, chunk: Chunk) -> Awaitable[None] | None:  # type: ignore[override]
         """Pass the chunk on and return the exchange's future: HTTP1Connection awaits it."""
         # Older Tornado releases dropped the streaming callback's return value (tornado#2209), so
         # reads never waited for the consumer; returning it here is what backpressure rests on.
@@ -452,7 +485,7 @@ class _Source:
         name = _disposition_name(head.headers) or _url_name(self.url)
         return Download(self.url, name, self.size, _media_type(head.headers), _source=self)
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def chunks(self) -> AsyncIterator[Chunk]:
         """The body, resuming after transient failures where the origin allows."""
         while True:
             assert self._exchange is not None
@@ -592,7 +625,7 @@ class Download:
         """Bytes received from the origin but not yet taken by the consumer."""
         return self._source.buffered
 
-    def __aiter__(self) -> AsyncIterator[bytes]:
+    def __aiter__(self) -> AsyncIterator[Chunk]:
         """The body in chunks; the socket is read no faster than they are taken."""
         return self._source.chunks()
 

@@ -46,6 +46,8 @@ OUT_PIECE = 256 * 1024
 _DESCRIPTOR = struct.Struct("<4sLQQ")
 _DESCRIPTOR_SIGNATURE = b"PK\x07\x08"
 _thread_numbers = itertools.count(1)
+# Entry data and formed archive bytes: bytes, or read-only views that pass through unchanged.
+Piece = bytes | memoryview
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,10 @@ class _Signal:
         self._event.set()
 
 
+def _frozen(chunk: object) -> bool:
+    return type(chunk) is bytes or (isinstance(chunk, memoryview) and chunk.readonly)
+
+
 def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., Any], *args: Any) -> None:
     # A loop closed under a still-running worker has no one left to tell.
     if not loop.is_closed():
@@ -128,19 +134,23 @@ class ArchiveStream:
         self.bytes_out = 0
         self.entries: list[EntryRecord] = []
         self._in: queue.Queue[object] = queue.Queue()
-        self._out: queue.Queue[bytes] = queue.Queue(maxsize=OUT_SLOTS)
+        self._out: queue.Queue[Piece] = queue.Queue(maxsize=OUT_SLOTS)
         self._stop = threading.Event()
         self._failure: BaseException | None = None
         self._closed = False
         self._adding = False
         self._thread: threading.Thread | None = None
-        self._pending: list[bytes] = []
+        self._pending: list[Piece] = []
         self._pending_size = 0
 
     # --- the event loop's side ---------------------------------------------------------
 
-    async def add(self, name: str, chunks: AsyncIterable[bytes], *, compress: bool) -> EntryRecord:
-        """Stream one entry; return its record once the worker has formed all of it."""
+    async def add(self, name: str, chunks: AsyncIterable[Piece], *, compress: bool) -> EntryRecord:
+        """Stream one entry; return its record once the worker has formed all of it.
+
+        Chunks are passed on as they are when they cannot change (bytes, read-only views, whose
+        buffer the caller must leave alone); anything else is copied first.
+        """
         if not name or any(c in name for c in "/\\\0"):
             raise ValueError(f"{name!r} is no entry name: make one with entry_name()")
         self._start()
@@ -154,7 +164,7 @@ class ArchiveStream:
             await self._send(_Entry(name, compress))
             async for chunk in chunks:
                 if chunk:
-                    await self._send(chunk if type(chunk) is bytes else bytes(chunk))
+                    await self._send(chunk if _frozen(chunk) else bytes(chunk))
             await self._send(_END_ENTRY)
             record = await formed
         except BaseException as exc:
@@ -176,11 +186,11 @@ class ArchiveStream:
         await self._send(_CLOSE)
         self._closed = True
 
-    def __aiter__(self) -> AsyncIterator[bytes]:
+    def __aiter__(self) -> AsyncIterator[Piece]:
         """The archive's bytes as the worker forms them (one consumer)."""
         return self
 
-    async def __anext__(self) -> bytes:
+    async def __anext__(self) -> Piece:
         """The next formed piece of the archive."""
         self._start()
         out = self._out
@@ -309,13 +319,13 @@ class ArchiveStream:
             raise _Stopped
         return item
 
-    def _entry_data(self) -> Iterator[bytes]:
+    def _entry_data(self) -> Iterator[Piece]:
         while (item := self._take()) is not _END_ENTRY:
-            if not isinstance(item, bytes):
+            if not isinstance(item, bytes | memoryview):
                 raise RuntimeError(f"expected entry data, got {item!r}")
             yield item
 
-    def _emit_entry(self, pieces: Iterable[bytes]) -> bytes:
+    def _emit_entry(self, pieces: Iterable[Piece]) -> bytes:
         """Pass an entry's pieces on; return its last bytes (the data descriptor)."""
         tail = b""
         for piece in pieces:
@@ -324,7 +334,7 @@ class ArchiveStream:
                 tail = (tail + piece[-_DESCRIPTOR.size :])[-_DESCRIPTOR.size :]
         return tail
 
-    def _emit(self, piece: bytes) -> None:
+    def _emit(self, piece: Piece) -> None:
         self._pending.append(piece)
         self._pending_size += len(piece)
         if self._pending_size >= OUT_PIECE:
