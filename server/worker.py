@@ -191,7 +191,7 @@ def become_child(settings: Settings) -> None:
 
     Before any thread starts: a thread's priority is its own, inherited by threads it starts.
     """
-    os.nice(settings.archive_worker_nice)
+    lower_priority(settings.archive_worker_nice)
     parent = int(os.environ.get(PARENT_ENV, "0") or 0)
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
@@ -199,6 +199,24 @@ def become_child(settings: Settings) -> None:
             log.warning("cannot ask to die with the parent: errno %d", ctypes.get_errno())
     if parent and os.getppid() != parent:
         os._exit(1)  # the parent died before the request above took effect
+
+
+def lower_priority(nice: int) -> None:
+    """Run at `nice` below the API, also where Linux schedules by session (autogroups).
+
+    With autogroups (the default on desktop and many server kernels) CPU time is shared between
+    sessions first, and a nice value only counts within its session: in the API's session, the
+    worker's CPU use would count against the API whenever other sessions (PostgreSQL, other
+    services) want the CPU too. So the worker gets a session, and that session the nice value.
+    Under a cgroup manager (systemd) the session's group does not apply; the nice value does.
+    """
+    os.nice(nice)
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError):
+        os.setsid()  # signals from the parent still come: it forwards SIGTERM, and PDEATHSIG
+    with contextlib.suppress(OSError), open("/proc/self/autogroup", "w") as group:
+        group.write(str(nice))
 
 
 async def work(settings: Settings) -> None:

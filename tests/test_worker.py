@@ -72,6 +72,15 @@ async def archive_of(app: Any, origin: Origin, name: str, body: bytes) -> Any:
     return done
 
 
+def autogroup_nice(pid: int) -> int | None:
+    """The nice value of pid's autogroup, None where the kernel has none."""
+    try:
+        with open(f"/proc/{pid}/autogroup") as group:
+            return int(group.read().split()[-1])
+    except FileNotFoundError:
+        return None
+
+
 async def test_archives_are_formed_in_a_niced_child_process(
     make_server: Any, origin: Origin
 ) -> None:
@@ -80,6 +89,10 @@ async def test_archives_are_formed_in_a_niced_child_process(
     assert worker.proc.pid != os.getpid()
     niced = min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)
     await until(lambda: os.getpriority(os.PRIO_PROCESS, worker.proc.pid) == niced)
+    # A session of its own, so that where Linux shares CPU between sessions (autogroups) the
+    # worker's use does not count against the API's; that session is niced as well.
+    assert os.getsid(worker.proc.pid) == worker.proc.pid != os.getsid(0)
+    assert autogroup_nice(worker.proc.pid) in (None, 10)
     await archive_of(app, origin, "one.bin", os.urandom(300_000))
     metrics = await samples(app)
     # The child's figures and the parent's own, each family once.
