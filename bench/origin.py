@@ -7,6 +7,9 @@ serve, so the origin keeps no state and every run gets the same bytes:
     GET /text/SEED/SIZE/NAME     SIZE bytes of log-like ASCII text (ZIP deflates it)
     GET /health                  200 "ok"
 
+`?rate=N` after either file path paces the body at N bytes per second, as a remote origin
+behind a network of that speed would send it.
+
 Two pools are generated once from fixed seeds at start-up (16 MiB of random bytes, 4 MiB of
 text); a file is a run of slices of its pool at offsets drawn from `random.Random(SEED)`, so
 files differ from each other, are the same on every request, and cost the origin no generation
@@ -163,7 +166,8 @@ class Origin:
                     line.lower().startswith("connection:") and "close" in line.lower()
                     for line in lines[1:]
                 )
-                await self._answer(writer, method, target.split("?", 1)[0])
+                path, _, query = target.partition("?")
+                await self._answer(writer, method, path, _rate(query))
                 self.requests += 1
                 if close:
                     return
@@ -174,7 +178,9 @@ class Origin:
             with contextlib.suppress(ConnectionError, OSError):
                 await writer.wait_closed()
 
-    async def _answer(self, writer: asyncio.StreamWriter, method: str, path: str) -> None:
+    async def _answer(
+        self, writer: asyncio.StreamWriter, method: str, path: str, rate: float | None
+    ) -> None:
         parts = path.strip("/").split("/")
         if method not in ("GET", "HEAD"):
             return await self._simple(writer, 405, b"method not allowed\n")
@@ -194,10 +200,15 @@ class Origin:
         )
         writer.write(head.encode())
         if method == "GET":
+            loop = asyncio.get_running_loop()
+            started, sent = loop.time(), 0
             for piece in slices(self.pools[parts[0]], seed, size):
                 writer.write(piece)
+                sent += len(piece)
                 self.bytes_sent += len(piece)
                 await writer.drain()
+                if rate:
+                    await asyncio.sleep(max(0.0, started + sent / rate - loop.time()))
         await writer.drain()
 
     async def _simple(self, writer: asyncio.StreamWriter, status: int, body: bytes) -> None:
@@ -205,6 +216,16 @@ class Origin:
         head = f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\n"
         writer.write(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
         await writer.drain()
+
+
+def _rate(query: str) -> float | None:
+    """The `rate` query parameter in bytes per second, if any."""
+    for pair in query.split("&"):
+        name, _, value = pair.partition("=")
+        if name == "rate":
+            with contextlib.suppress(ValueError):
+                return float(value) if float(value) > 0 else None
+    return None
 
 
 async def main() -> None:
