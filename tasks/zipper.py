@@ -34,8 +34,9 @@ deflate.install()
 # Level 1: compressible content is mostly text, where level 1 already saves most of what level 6
 # would, at about three times the speed; the archive must keep pace with the network.
 DEFLATE_LEVEL = 1
-# Chunks waiting for the worker; with the sources' chunk size this bounds the input side.
-IN_SLOTS = 8
+# Chunks waiting for the worker; with the sources' chunk size (the fetcher's 1 MiB) this bounds
+# the input side to 4 MiB.
+IN_SLOTS = 4
 # Formed pieces waiting for the consumer.
 OUT_SLOTS = 8
 # The compressor emits many small pieces; joining them up to this size keeps the loop's
