@@ -973,37 +973,52 @@ async def responsiveness(ctx: Context, conn: psycopg.AsyncConnection[Any]) -> di
     sets = [
         mixed_files(args.load_mib * MIB, args.load_files, seed=200 + i) for i in range(concurrency)
     ]
-    print(
+    title = (
         f"\n3. responsiveness, JOB_CONCURRENCY={concurrency}: GET {HEALTH_PATH} every 20 ms and"
         f" GET {TASKS_PATH} at 20 req/s, {args.load_seconds:g} s idle, then while {concurrency}"
         f" archives run ({describe(sets[0])} each)"
     )
-    print(PROBE_HEADER, flush=True)
-    # DRAIN_TIMEOUT=0: once measured, stopping the server cancels the runs and aborts their
-    # uploads instead of waiting for archives nobody needs.
-    with ctx.satchel("satchel-load", concurrency, drain_timeout=0) as server:
-        found = _with_goals(await _idle_and_loaded(ctx, conn, server, server, sets, ""))
+    found = _with_goals(await _probe_phase(ctx, conn, sets, title, "satchel-load", ""))
     if args.load_rate:
         rate = args.load_rate * 1e6 / concurrency
-        print(
+        title = (
             f"\n3c. the same with each archive downloading at {rate / 1e6:g} MB/s"
             f" ({args.load_rate:g} MB/s in all, about what one NIC of"
             f" {args.load_rate * 8 / 1000:g} Gbit/s delivers; bench.origin paces the bodies)"
         )
-        print(PROBE_HEADER, flush=True)
-        with ctx.satchel("satchel-paced", concurrency, drain_timeout=0) as server:
-            paced = await _idle_and_loaded(ctx, conn, server, server, sets, "nic:", rate=rate)
+        paced = await _probe_phase(ctx, conn, sets, title, "satchel-paced", "nic:", rate=rate)
         found["paced"] = _with_goals(paced)
         found["paced"]["load_rate_mb_s"] = args.load_rate
     if args.inline:
-        print(
+        title = (
             "\n3b. the same with ARCHIVE_WORKER=inline: the archives on the API's own event loop,"
             " for comparison"
         )
-        print(PROBE_HEADER, flush=True)
-        with ctx.satchel("satchel-inline", concurrency, drain_timeout=0, inline=True) as server:
-            found["inline"] = await _idle_and_loaded(ctx, conn, server, server, sets, "in:")
+        found["inline"] = await _probe_phase(
+            ctx, conn, sets, title, "satchel-inline", "in:", inline=True
+        )
     return found
+
+
+async def _probe_phase(
+    ctx: Context,
+    conn: psycopg.AsyncConnection[Any],
+    sets: Sequence[Sequence[OriginFile]],
+    title: str,
+    name: str,
+    label: str,
+    *,
+    inline: bool = False,
+    rate: float = 0,
+) -> dict[str, Any]:
+    """One fresh `satchel serve`, probed idle and then while it forms one archive per set."""
+    print(title)
+    print(PROBE_HEADER, flush=True)
+    # DRAIN_TIMEOUT=0: once measured, stopping the server cancels the runs and aborts their
+    # uploads instead of waiting for archives nobody needs.
+    concurrency = ctx.args.concurrency
+    with ctx.satchel(name, concurrency, drain_timeout=0, inline=inline) as server:
+        return await _idle_and_loaded(ctx, conn, server, server, sets, label, rate=rate)
 
 
 def _with_goals(found: dict[str, Any]) -> dict[str, Any]:
