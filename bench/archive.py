@@ -1529,7 +1529,7 @@ async def _measure(
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """The command line."""
     parser = argparse.ArgumentParser(prog="python -m bench.archive", description=__doc__)
-    parser.add_argument("--rounds", type=int, default=5, help="throughput rounds")
+    parser.add_argument("--rounds", type=int, default=7, help="throughput rounds")
     parser.add_argument("--mib", type=int, default=1024, help="throughput: MiB of files")
     parser.add_argument("--files", type=int, default=16, help="throughput: files")
     parser.add_argument(
