@@ -431,3 +431,39 @@ async def test_zip64_more_than_65535_entries() -> None:
             assert read.read(f"{i:05d}.txt") == b"%d\n" % i
         assert read.testzip() is None
     assert len(stream.entries) == count
+
+
+async def test_a_reused_buffer_is_copied_and_read_only_views_pass_unchanged() -> None:
+    """A caller may refill its own bytearray after handing it on; frozen views are not copied."""
+    pieces = [os.urandom(100_000) for _ in range(6)]
+    frozen = memoryview(bytearray(b"".join(pieces))).toreadonly()
+
+    async def refilled() -> AsyncIterator[bytearray]:
+        buffer = bytearray(100_000)
+        for piece in pieces:
+            buffer[:] = piece
+            yield buffer
+
+    async def views() -> AsyncIterator[memoryview]:
+        for at in range(0, len(frozen), 150_000):
+            yield frozen[at : at + 150_000]
+
+    sent: list[object] = []
+    stream = ArchiveStream()
+    send = stream._send
+
+    async def recording(item: object) -> None:
+        sent.append(item)
+        await send(item)
+
+    stream._send = recording  # type: ignore[method-assign]
+    consumer = asyncio.create_task(collect(stream))
+    await stream.add("a.bin", refilled(), compress=False)
+    await stream.add("b.bin", views(), compress=False)
+    await stream.close()
+    with zipfile.ZipFile(io.BytesIO(await consumer)) as read:
+        assert read.read("a.bin") == b"".join(pieces)
+        assert read.read("b.bin") == bytes(frozen)
+    data = [item for item in sent if isinstance(item, bytes | memoryview)]
+    assert all(type(item) is bytes for item in data[:6])
+    assert all(item.obj is frozen.obj for item in data[6:])  # type: ignore[union-attr]
