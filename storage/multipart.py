@@ -50,7 +50,8 @@ ABORT_RULE_ID = "satchel-abort-incomplete-multipart-uploads"
 ABORT_AFTER_DAYS = 1
 # Every part carries its CRC-32, which S3 checks before it stores the part, and the object gets
 # a composite CRC-32. Computed here with ISA-L (over 20 GB/s), so botocore does not compute one
-# itself with Python's zlib, five times slower, on the event loop.
+# itself with Python's zlib, five times slower, on the event loop. S3-compatible servers without
+# checksums are run with AWS_REQUEST_CHECKSUM_CALCULATION=when_required, which turns this off too.
 CHECKSUM = {"ChecksumAlgorithm": "CRC32"}
 
 
@@ -89,6 +90,7 @@ class MultipartUpload:
         self._free_buffers: list[bytearray] = []
         self._next_part = 1
         self._parts: dict[int, dict[str, Any]] = {}
+        self._checksums = _wants_checksums(client)
         self._slots = asyncio.Semaphore(parts_in_flight)
         self._in_flight: set[asyncio.Task[None]] = set()
         self._failure: BaseException | None = None
@@ -125,8 +127,9 @@ class MultipartUpload:
         """Create the multipart upload; return its id."""
         if self.upload_id is not None or self._aborting is not None:
             raise RuntimeError("the upload has started or been aborted already")
+        checksum = CHECKSUM if self._checksums else {}
         reply = await self.client.create_multipart_upload(
-            Bucket=self.bucket, Key=self.key, ContentType="application/zip", **CHECKSUM
+            Bucket=self.bucket, Key=self.key, ContentType="application/zip", **checksum
         )
         self.upload_id = str(reply["UploadId"])
         return self.upload_id
@@ -221,20 +224,16 @@ class MultipartUpload:
 
     async def _upload_part(self, number: int, body: PartBody) -> None:
         try:
-            crc32 = part_checksum(body.view)
+            checksum = {"ChecksumCRC32": part_checksum(body.view)} if self._checksums else {}
             reply = await self.client.upload_part(
                 Bucket=self.bucket,
                 Key=self.key,
                 UploadId=self.upload_id,
                 PartNumber=number,
                 Body=body,
-                ChecksumCRC32=crc32,
+                **checksum,
             )
-            self._parts[number] = {
-                "PartNumber": number,
-                "ETag": str(reply["ETag"]),
-                "ChecksumCRC32": crc32,
-            }
+            self._parts[number] = {"PartNumber": number, "ETag": str(reply["ETag"]), **checksum}
             self.bytes_uploaded += len(body)
         except Exception as exc:
             # Kept for the writer's next call: nobody awaits this task until complete().
@@ -243,6 +242,12 @@ class MultipartUpload:
             if len(body.buffer) == self.part_size and self._aborting is None:
                 self._free_buffers.append(body.buffer)
             self._slots.release()
+
+
+def _wants_checksums(client: Any) -> bool:
+    """Whether the client's configuration asks for checksums where S3 supports them."""
+    config = getattr(getattr(client, "meta", None), "config", None)
+    return getattr(config, "request_checksum_calculation", "when_supported") != "when_required"
 
 
 def part_checksum(body: bytes | memoryview) -> str:

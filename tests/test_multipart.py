@@ -11,6 +11,8 @@ import zlib
 from typing import Any
 
 import pytest
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
 from botocore.exceptions import ClientError
 
 from storage.multipart import (
@@ -184,6 +186,27 @@ async def test_parts_carry_their_crc32_and_go_unsigned(local: Any, s3: Any, buck
     composite = zlib.crc32(b"".join(crc32(body) for body, _ in sent))
     assert head["ChecksumCRC32"].split("-")[0] == encode(composite)
     assert (await stored(s3, bucket, "crc.zip"))[0] == data
+
+
+async def test_no_checksums_where_the_client_is_told_when_required(
+    local: Any, s3: Any, bucket: str
+) -> None:
+    """AWS_REQUEST_CHECKSUM_CALCULATION=when_required (S3-compatible servers without checksums)."""
+    config = AioConfig(request_checksum_calculation="when_required")
+    sent: list[dict[str, Any]] = []
+    async with get_session().create_client(
+        "s3", endpoint_url=local.s3_endpoint_url, region_name="us-east-1", config=config
+    ) as plain:
+        plain.meta.events.register(
+            "before-send.s3", lambda request, **_: sent.append(dict(request.headers))
+        )
+        upload = MultipartUpload(plain, bucket, "plain.zip", part_size=PART)
+        await upload.start()
+        await write_in_chunks(upload, data := os.urandom(PART + 10))
+        await upload.complete()
+    assert len(sent) == 4  # create, two parts, complete
+    assert not [name for headers in sent for name in headers if "checksum" in name.lower()]
+    assert (await stored(s3, bucket, "plain.zip"))[0] == data
 
 
 async def test_many_parts_upload_concurrently_within_bounds(s3: Any, bucket: str) -> None:
