@@ -224,7 +224,8 @@ def _rate(query: str) -> float | None:
         name, _, value = pair.partition("=")
         if name == "rate":
             with contextlib.suppress(ValueError):
-                return float(value) if float(value) > 0 else None
+                rate = float(value)
+                return rate if rate > 0 else None
     return None
 
 

@@ -202,10 +202,9 @@ class MultipartUpload:
 
     def _take(self, size: int) -> PartBody:
         """The first `size` buffered bytes, copied into a part buffer (a part's only copy)."""
-        if self._free_buffers:
-            buffer = self._free_buffers.pop()
-        else:  # a last part smaller than a whole one (or an archive that is) gets its own size
-            buffer = bytearray(self.part_size if size == self.part_size else size)
+        # A buffer is never short: pooled ones are whole parts, a new one is what this part needs
+        # (a short last part's is not pooled).
+        buffer = self._free_buffers.pop() if self._free_buffers else bytearray(size)
         with memoryview(buffer) as target:
             filled = 0
             while filled < size:
